@@ -1,0 +1,99 @@
+"""Raw syscalls the C library does not wrap (or Python does not expose).
+
+x86_64 numbers come from python-ptrace's syscall table where it has them;
+newer ones are listed here with the header they come from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+
+from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES as _NAMES
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+# name -> number, x86_64 (arch/x86/entry/syscalls/syscall_64.tbl)
+# (entries from 512 up in that table are the x32 ABI: skip them)
+NR: dict[str, int] = {name: nr for nr, name in _NAMES.items() if nr < 512}
+NR.update({
+    "userfaultfd": 323,
+    "membarrier": 324,
+    "copy_file_range": 326,
+    "pkey_mprotect": 329,
+    "statx": 332,
+    "rseq": 334,
+    "pidfd_send_signal": 424,
+    "clone3": 435,
+    "close_range": 436,
+    "pidfd_open": 434,
+    "pidfd_getfd": 438,
+    "process_madvise": 440,
+})
+SYSCALL_NAME: dict[int, str] = {nr: name for name, nr in NR.items()}
+
+
+def raw_syscall(nr: int, *args: int) -> int:
+    """Call syscall ``nr``; return its result or raise OSError(errno)."""
+    res = _syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    if res == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{SYSCALL_NAME.get(nr, nr)}: {os.strerror(e)}")
+    return res
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    return raw_syscall(NR["pidfd_open"], pid, flags)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int, flags: int = 0) -> int:
+    """Duplicate fd ``targetfd`` of the process behind ``pidfd`` into ours."""
+    return raw_syscall(NR["pidfd_getfd"], pidfd, targetfd, flags)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    raw_syscall(NR["tgkill"], tgid, tid, sig)
+
+
+class iovec(ctypes.Structure):  # include/uapi/linux/uio.h
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _vm_rw(nr: int, pid: int, local: memoryview, remote_addr: int) -> int:
+    buf = (ctypes.c_char * len(local)).from_buffer(local)
+    liov = iovec(ctypes.addressof(buf), len(local))
+    riov = iovec(remote_addr, len(local))
+    return raw_syscall(nr, pid, ctypes.addressof(liov), 1, ctypes.addressof(riov), 1, 0)
+
+
+def process_vm_readv(pid: int, buf: bytearray | memoryview, remote_addr: int) -> int:
+    """Read len(buf) bytes of ``pid`` at ``remote_addr`` into ``buf``."""
+    return _vm_rw(NR["process_vm_readv"], pid, memoryview(buf), remote_addr)
+
+
+def process_vm_writev(pid: int, buf: bytearray | memoryview, remote_addr: int) -> int:
+    """Write ``buf`` into ``pid`` at ``remote_addr`` (buf must be writable memory)."""
+    return _vm_rw(NR["process_vm_writev"], pid, memoryview(buf), remote_addr)
+
+
+class clone_args(ctypes.Structure):  # include/uapi/linux/sched.h (CLONE_ARGS_SIZE_VER2)
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("pidfd", ctypes.c_uint64),
+        ("child_tid", ctypes.c_uint64),
+        ("parent_tid", ctypes.c_uint64),
+        ("exit_signal", ctypes.c_uint64),
+        ("stack", ctypes.c_uint64),
+        ("stack_size", ctypes.c_uint64),
+        ("tls", ctypes.c_uint64),
+        ("set_tid", ctypes.c_uint64),
+        ("set_tid_size", ctypes.c_uint64),
+        ("cgroup", ctypes.c_uint64),
+    ]
+
+
+ENOSYS = _errno.ENOSYS
