@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import signal
 import sys
 
 from .errors import CheckpointError, Interrupted
+from .freezer import terminate_unwinds
 
 # One line per verb module; the module registers its own sub-parsers.
 COMMAND_MODULES = [
@@ -32,10 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}; targets were released")
-
-
 def emit_json(obj) -> None:
     """Print one JSON object on stdout (the --json contract)."""
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
@@ -48,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` that thaws a
     # target or puts back an injected thread's registers still runs.
-    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return int(args.func(args) or 0)
+        with terminate_unwinds():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("checkpoint: interrupted; targets were released", file=sys.stderr)
         return Interrupted.exit_code
@@ -59,6 +55,3 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 1
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

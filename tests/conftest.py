@@ -33,24 +33,42 @@ class Target:
     """A running target with line-oriented stdout; always reaped by the fixture."""
 
     def __init__(self, argv: list[str], **kw):
+        kw.setdefault("stderr", subprocess.PIPE)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1, **kw)
+                                     text=True, bufsize=1, **kw)
         self.pid = self.proc.pid
+        self._buf = b""
+        self.lines: list[str] = []  # everything read so far
 
     def readline(self, timeout: float = 10.0) -> str:
+        """Next stdout line ('' at EOF); own buffering so select() never lies."""
         import select
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not r:
-            raise TimeoutError(f"target {self.pid} printed nothing in {timeout}s")
-        return self.proc.stdout.readline()
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([fd], [], [], max(0.0, left))
+            if not r:
+                raise TimeoutError(f"target {self.pid} printed nothing in {timeout:.1f}s; "
+                                   f"so far: {self.lines[-5:]}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                line, self._buf = self._buf, b""
+                return line.decode()
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        text = line.decode() + "\n"
+        self.lines.append(text.rstrip("\n"))
+        return text
 
     def expect(self, prefix: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             line = self.readline(max(0.01, deadline - time.monotonic()))
             if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
                 raise EOFError(f"target {self.pid} exited before printing {prefix!r}: "
-                               f"{self.proc.stderr.read()}")
+                               f"{self.lines[-5:]} {err}")
             if line.startswith(prefix):
                 return line.rstrip("\n")
 
@@ -106,8 +124,12 @@ def proc_state(pid: int) -> str:
 
 
 def tracer_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
+    """TracerPid of a task; 0 if untraced or gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return 0

@@ -1,0 +1,363 @@
+"""Freeze and thaw every thread of a process with PTRACE_SEIZE + INTERRUPT.
+
+    with freeze(pid) as proc:
+        ...            # every thread sits in a ptrace interrupt stop
+    # every thread detached, running exactly as before
+
+The tracer does not use PTRACE_O_EXITKILL: if the engine dies (even by
+SIGKILL) the kernel detaches every thread and the target runs on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import (CheckpointError, FreezeError, Interrupted, NoSuchProcess,
+                     PermissionDenied, TargetError, TargetExited)
+from .kernel import procfs
+from .kernel import ptrace as pt
+
+SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
+DEFAULT_TIMEOUT = 5.0
+
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP/SIGQUIT until the block ends.
+
+    Used around every sequence that must not be cut in half (a ptrace round
+    trip that changes a thread's registers, the thaw): the signal is not
+    lost, its Python handler runs right after the block.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def wait_stop(tid: int, timeout: float = DEFAULT_TIMEOUT) -> pt.WaitStatus:
+    """Wait for the next ptrace event of ``tid``, polling so a hung task
+    cannot hang the engine; raises FreezeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    spins = 0
+    delay = 2e-5
+    while True:
+        st = pt.waitpid(tid, os.WNOHANG)
+        if st is not None:
+            return st
+        if spins < 200:
+            spins += 1
+            os.sched_yield()
+            continue
+        if time.monotonic() > deadline:
+            state = _task_state(tid)
+            raise FreezeError(f"thread {tid} did not stop within {timeout:g}s "
+                              f"(state {state or 'gone'}"
+                              f"{': uninterruptible sleep' if state == 'D' else ''})", tid)
+        time.sleep(delay)
+        delay = min(delay * 2, 2e-3)
+
+
+def _task_state(tid: int) -> str:
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+@dataclass
+class FrozenThread:
+    tid: int
+    group_stop: bool = False  # stopped by SIGSTOP & co. before we came
+    pending_signal: int = 0  # a stop signal we held back; delivered at detach
+    injected: bool = False  # an Injector currently owns its registers
+    eintr_undone: bool = False  # see FrozenProcess._undo_stop_eintr
+
+
+class _RetryFreeze(Exception):
+    pass
+
+
+@dataclass
+class FrozenProcess:
+    """A process whose every live thread is in a ptrace stop."""
+
+    pid: int
+    timeout: float = DEFAULT_TIMEOUT
+    threads: dict[int, FrozenThread] = field(default_factory=dict)
+    gone: set[int] = field(default_factory=set)
+    freezing_ms: float = 0.0
+    _gadget: int | None = None
+
+    @property
+    def tids(self) -> list[int]:
+        return sorted(self.threads)
+
+    # -- freezing ---------------------------------------------------------
+
+    def _freeze(self) -> None:
+        t0 = time.perf_counter()
+        while True:
+            new = [t for t in procfs.list_tasks(self.pid)
+                   if t not in self.threads and t not in self.gone]
+            new = [t for t in new if _task_state(t) not in ("Z", "X", "")]
+            if not new:
+                break
+            seized = []
+            for tid in new:
+                if self._seize(tid):
+                    seized.append(tid)
+            for tid in seized:
+                self._await_interrupt_stop(tid)
+        if not self.threads:
+            raise TargetExited(f"process {self.pid} exited while being frozen", self.pid)
+        self.freezing_ms = (time.perf_counter() - t0) * 1e3
+
+    def _seize(self, tid: int) -> bool:
+        try:
+            pt.seize(tid, SEIZE_OPTIONS)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:  # exited between listing and seizing
+                self.gone.add(tid)
+                return False
+            if exc.errno == errno.EPERM:
+                tracer = _tracer_of(tid)
+                if tracer == os.getpid():
+                    # auto-attached by PTRACE_O_TRACECLONE before its parent's
+                    # clone event reached us: its first stop is ours to wait for
+                    self.threads[tid] = FrozenThread(tid)
+                    return True
+                if tracer:
+                    raise FreezeError(f"process {self.pid} is already traced by PID {tracer}"
+                                      " (a debugger or another checkpoint engine);"
+                                      " detach it first", self.pid) from None
+                if _task_state(tid) in ("Z", "X", ""):
+                    self.gone.add(tid)
+                    return False
+                raise PermissionDenied(f"not permitted to ptrace process {self.pid}"
+                                       " (needs CAP_SYS_PTRACE or the same uid,"
+                                       " and ptrace_scope allowing it)", self.pid) from None
+            raise
+        self.threads[tid] = FrozenThread(tid)
+        try:
+            pt.interrupt(tid)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+        return True
+
+    def _await_interrupt_stop(self, tid: int) -> None:
+        """Wait until ``tid`` sits in PTRACE_EVENT_STOP, handling what comes first."""
+        while True:
+            try:
+                st = wait_stop(tid, self.timeout)
+            except ChildProcessError:
+                self._forget(tid)
+                return
+            if st.exited:
+                self._forget(tid)
+                if tid == self.pid:
+                    raise TargetExited(f"process {self.pid} exited while being frozen"
+                                       f" ({st.describe()})", self.pid)
+                return
+            if st.is_interrupt_stop:
+                # stopsig SIGTRAP: our interrupt; a stop signal: a group stop
+                if st.stopsig != signal.SIGTRAP:
+                    self.threads[tid].group_stop = True
+                self._undo_stop_eintr(tid)
+                return
+            if st.event == pt.PTRACE_EVENT_CLONE:
+                child = pt.geteventmsg(tid)
+                if child not in self.threads:
+                    self.threads[child] = FrozenThread(child)  # auto-attached
+                    self._await_interrupt_stop(child)
+                self._resume_towards_stop(tid)
+                continue
+            if st.event == pt.PTRACE_EVENT_EXEC:
+                raise _RetryFreeze()
+            if st.is_signal_delivery_stop:
+                # let the signal through; the pending interrupt stops the
+                # thread right after (in its handler, a consistent state)
+                self._resume_towards_stop(tid, st.stopsig)
+                continue
+            self._resume_towards_stop(tid)
+
+    def _undo_stop_eintr(self, tid: int) -> None:
+        """Some blocking calls (epoll_wait, semop, sigtimedwait, io_getevents,
+        inotify reads... see signal(7), "interruption by stop signals") fail
+        with EINTR when the thread is merely stopped, without a signal. If
+        the thread sits right after such a failed syscall and no signal is
+        pending for it, that EINTR is ours: rewind the thread onto its
+        ``syscall`` instruction so it issues the call again on thaw (a
+        relative timeout then restarts in full: never earlier than asked)."""
+        regs = pt.getregs(tid)
+        if regs.rax != (1 << 64) - errno.EINTR or regs.orig_rax >= 1 << 63:
+            return
+        st = procfs.read_status(self.pid, tid)
+        if (st.sig_pnd | st.shd_pnd) & ~st.sig_blk:
+            return  # a real signal will be delivered: its EINTR is genuine
+        try:
+            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
+                mem.seek(regs.rip - 2)
+                if mem.read(2) != b"\x0f\x05":
+                    return  # not right after a syscall instruction (e.g. a handler)
+        except OSError:
+            return
+        regs.rip -= 2
+        regs.rax = regs.orig_rax
+        pt.setregs(tid, regs)
+        self.threads[tid].eintr_undone = True
+
+    def _resume_towards_stop(self, tid: int, sig: int = 0) -> None:
+        pt.interrupt(tid)
+        pt.cont(tid, sig)
+
+    def _forget(self, tid: int) -> None:
+        self.threads.pop(tid, None)
+        self.gone.add(tid)
+
+    # -- thawing ----------------------------------------------------------
+
+    def thaw(self) -> None:
+        """Detach every thread; never raises for threads that died meanwhile."""
+        with deferred_signals():
+            errors = []
+            for tid in sorted(self.threads, key=lambda t: t == self.pid):
+                try:
+                    self._release(self.threads[tid])
+                except Exception as exc:  # keep releasing the others
+                    errors.append(f"thread {tid}: {exc}")
+            self.threads.clear()
+            if errors:
+                raise FreezeError(f"could not release every thread of {self.pid}: "
+                                  + "; ".join(errors), self.pid)
+
+    def _release(self, th: FrozenThread) -> None:
+        tid = th.tid
+        for _ in range(3):
+            try:
+                pt.detach(tid, th.pending_signal)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+            # ESRCH: either dead (reap it) or not in a ptrace stop (stop it)
+            try:
+                st = pt.waitpid(tid, os.WNOHANG)
+            except ChildProcessError:
+                return  # no longer ours
+            if st is not None and st.exited:
+                return
+            if st is None:
+                try:
+                    pt.interrupt(tid)
+                except OSError:
+                    return
+                try:
+                    st = wait_stop(tid, self.timeout)
+                except ChildProcessError:
+                    return
+                if st.exited:
+                    return
+        pt.detach(tid, th.pending_signal)
+
+    def __enter__(self) -> "FrozenProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thaw()
+
+
+def _tracer_of(pid: int) -> int:
+    try:
+        return procfs.read_status(pid).tracer_pid
+    except CheckpointError:
+        return 0
+
+
+def check_target(pid: int) -> procfs.Status:
+    """Refuse targets that cannot be frozen, with a message that says why."""
+    if pid <= 0:
+        raise NoSuchProcess(f"invalid PID {pid}", pid)
+    if pid == os.getpid():
+        raise TargetError(f"process {pid} is the engine itself", pid)
+    try:
+        status = procfs.read_status(pid)
+        stat = procfs.read_stat(pid)
+    except NoSuchProcess:
+        raise NoSuchProcess(f"no such process: {pid}", pid) from None
+    if status.tgid != pid:
+        raise TargetError(f"{pid} is a thread of process {status.tgid}; give the process ID",
+                          pid)
+    if stat.is_kernel_thread:
+        raise TargetError(f"process {pid} ({status.name}) is a kernel thread", pid)
+    if status.state in ("Z", "X") and status.threads <= 1:
+        raise TargetError(f"process {pid} is a zombie (exited, not yet reaped by its parent)",
+                          pid)
+    if status.tracer_pid:
+        raise FreezeError(f"process {pid} is already traced by PID {status.tracer_pid}"
+                          " (a debugger or another checkpoint engine); detach it first", pid)
+    return status
+
+
+def freeze_process(pid: int, timeout: float = DEFAULT_TIMEOUT) -> FrozenProcess:
+    """Freeze every thread of ``pid``; on any failure nothing stays stopped."""
+    check_target(pid)
+    for attempt in range(3):
+        proc = FrozenProcess(pid, timeout)
+        try:
+            with deferred_signals():
+                proc._freeze()
+            return proc
+        except _RetryFreeze:
+            proc.thaw()
+            if attempt == 2:
+                raise FreezeError(f"process {pid} keeps calling exec while being frozen",
+                                  pid) from None
+        except BaseException:
+            proc.thaw()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _raise_terminated(signum, _frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; targets were released")
+
+
+@contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While a target is frozen, make SIGTERM/SIGHUP unwind like Ctrl-C
+    instead of killing the engine outright (which would leave an injected
+    thread with foreign registers). Only where Python's default would kill."""
+    import threading
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) is signal.SIG_DFL:
+                old[s] = signal.signal(s, _raise_terminated)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def freeze(pid: int, timeout: float = DEFAULT_TIMEOUT) -> Iterator[FrozenProcess]:
+    """Context manager: every thread frozen inside, always thawed on exit."""
+    with terminate_unwinds():
+        proc = freeze_process(pid, timeout)
+        try:
+            yield proc
+        finally:
+            proc.thaw()
