@@ -89,8 +89,13 @@ class Vma:
         return self.path in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 
     @property
+    def is_shared_anon(self) -> bool:
+        """MAP_SHARED|MAP_ANONYMOUS memory: shmem named "/dev/zero (deleted)"."""
+        return self.shared and self.path == "/dev/zero (deleted)" and self.dev_major == 0
+
+    @property
     def is_file(self) -> bool:
-        return self.inode != 0 and not self.path.startswith("[")
+        return self.inode != 0 and not self.path.startswith("[") and not self.is_shared_anon
 
     @property
     def deleted(self) -> bool:
