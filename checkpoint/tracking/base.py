@@ -131,6 +131,10 @@ class Tracker(ABC):
         return None
 
     # -- round protocol
+    def bind(self, proc) -> None:
+        """Called by the dumper with the FrozenProcess of each round, before
+        ``collect``; trackers that inject into the target keep it."""
+
     def full_reason(self, pid: int) -> str | None:
         """Why the coming round must be a full layer, or None."""
         if self._reason is None and self._mm is not None and mm_identity(pid) != self._mm:
