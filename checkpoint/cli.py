@@ -17,6 +17,7 @@ from .freezer import terminate_unwinds
 # One line per verb module; the module registers its own sub-parsers.
 COMMAND_MODULES = [
     "checkpoint.commands.check",
+    "checkpoint.commands.images",
 ]
 
 

@@ -1,0 +1,446 @@
+"""The layer writer: a sink for pages and metadata records.
+
+One pass, never seeking back, so the same encoder writes a local file
+(:class:`LocalSink`, published atomically) or a stream/socket
+(:class:`StreamSink`). Pages are copied (or, for whole frames, borrowed) into
+frames of ``frame_size`` raw bytes, each compressed by one ``zstandard`` call;
+with ``threads > 1`` frames are compressed in parallel and written in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import socket
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zstandard
+
+from ..errors import ImageError
+from . import format as F
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """What a child layer records about its parent."""
+
+    layer_id: str
+    header_digest: bytes
+    index: int
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer_id: str
+    index: int
+    header_digest: bytes
+    pages: int           # pages with data
+    pages_zero: int
+    bytes_raw: int
+    bytes_stored: int    # compressed frame payloads
+    file_bytes: int      # whole layer, framing included
+    frames: int
+    path: str | None     # where a LocalSink published it
+
+
+# --------------------------------------------------------------------- sinks
+
+class LocalSink:
+    """Writes ``DIR/.layer-NNNN.img.tmp-XXXX`` (0600) and, on commit, fsyncs it,
+    renames it to ``DIR/layer-NNNN.img`` and fsyncs DIR (0700). Until the
+    rename nothing is visible as a layer; abort() removes the temp file."""
+
+    def __init__(self, images_dir: str | os.PathLike, index: int, *, replace: bool = False):
+        self.dir = os.fspath(images_dir)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.final = os.path.join(self.dir, F.layer_name(index))
+        if not replace and os.path.exists(self.final):
+            raise ImageError("layer already exists; refusing to overwrite it", path=self.final)
+        self.replace = replace
+        self.temp = os.path.join(self.dir, f"{F.TEMP_PREFIX}{index:04d}.img.tmp-{secrets.token_hex(4)}")
+        self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.path: str | None = None
+
+    def write(self, buffers) -> None:
+        bufs = [memoryview(b).cast("B") for b in buffers]
+        while bufs:
+            n = os.writev(self.fd, bufs[:1024])
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    def commit(self) -> str:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        if self.replace:
+            os.rename(self.temp, self.final)
+        else:
+            try:
+                os.link(self.temp, self.final)   # fails instead of replacing a racing layer
+            except FileExistsError:
+                os.unlink(self.temp)
+                raise ImageError("layer appeared while writing it; not replaced", path=self.final)
+            os.unlink(self.temp)
+        fsync_dir(self.dir)
+        self.path = self.final
+        return self.final
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass
+
+
+class StreamSink:
+    """Writes to a socket or a binary file object (live migration). The
+    receiver must treat the layer as absent until it has read the trailer."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.path = None
+
+    def write(self, buffers) -> None:
+        if isinstance(self.stream, socket.socket):
+            for b in buffers:
+                self.stream.sendall(b)
+        else:
+            for b in buffers:
+                self.stream.write(b)
+
+    def commit(self) -> None:
+        if hasattr(self.stream, "flush"):
+            self.stream.flush()
+
+    def abort(self) -> None:
+        pass
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+# -------------------------------------------------------------------- writer
+
+class LayerWriter:
+    """Encode one layer into ``sink``.
+
+    ``add_pages``/``add_zero`` must come in increasing address order for each
+    pid (the order a scan of the address space yields them); pids may
+    interleave. Use as a context manager: an exception aborts the sink.
+    """
+
+    def __init__(self, sink, *, index: int = 0, kind: str = F.KIND_DUMP,
+                 parent: ParentRef | None = None, tracker: str = "full",
+                 kernel_release: str | None = None, level: int = 1, threads: int = 1,
+                 frame_size: int = F.DEFAULT_FRAME_SIZE, page_size: int = F.PAGE_SIZE,
+                 layer_id: str | None = None, squashed_first: int | None = None,
+                 replaces: ParentRef | None = None):
+        if kind not in F.KINDS:
+            raise ValueError(f"kind must be one of {F.KINDS}, not {kind!r}")
+        if frame_size % page_size or not F.MIN_FRAME_SIZE <= frame_size <= F.MAX_FRAME_SIZE:
+            raise ValueError(f"frame_size must be a multiple of {page_size} "
+                             f"in [{F.MIN_FRAME_SIZE}, {F.MAX_FRAME_SIZE}]")
+        if (index == 0) != (parent is None) and squashed_first is None:
+            raise ValueError("layer 0 has no parent and every later layer has one")
+        self.sink = sink
+        self.page_size = page_size
+        self.frame_size = frame_size
+        self.level = level
+        self.threads = max(1, int(threads))
+        self.layer_id = layer_id or secrets.token_hex(16)
+        self.index = index
+        inv = F.Inventory(
+            format_version=F.FORMAT_VERSION, layer_id=self.layer_id, index=index, kind=kind,
+            kernel_release=kernel_release if kernel_release is not None else os.uname().release,
+            tracker=tracker, created_unix_ns=time.time_ns(), created_boottime_ns=_boottime_ns(),
+            page_size=page_size, frame_size=frame_size, compression="zstd",
+            compression_level=level, hostname=os.uname().nodename)
+        if parent is not None:
+            inv.parent_id = parent.layer_id
+            inv.parent_digest = parent.header_digest
+        if squashed_first is not None:
+            inv.squashed = True
+            inv.squashed_first = squashed_first
+            if replaces is not None:
+                inv.replaces_id = replaces.layer_id
+                inv.replaces_digest = replaces.header_digest
+        self.inventory = inv
+        self._pos = 0
+        self._seed = 0
+        self._closed = False
+        self._frames: list[int] = []
+        self._pagemaps: list[int] = []
+        self._records: list[int] = []
+        self._pages = self._pages_zero = self._bytes_stored = 0
+        self._next_addr: dict[int, int] = {}
+        self._buf = bytearray(frame_size)
+        self._free: list[bytearray] = []
+        self._fill = 0
+        self._entries: list[list[int]] = []       # [pid, addr, npages] of the current buffer
+        self._zeros: list[list[int]] = []         # pending zero entries
+        self._jobs: collections.deque = collections.deque()
+        self._t0: float | None = None
+        self._busy = 0.0
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd-w") \
+            if self.threads > 1 else None
+        try:
+            self._write(F.PREAMBLE.pack(F.MAGIC, F.FORMAT_VERSION, 0))
+            payload = inv.SerializeToString()
+            self.header_digest = F.digest(payload)
+            self._block(F.BT_HEADER, payload)
+            self._seed = F.layer_seed(self.layer_id)
+        except BaseException:
+            self.abort()
+            raise
+
+    # ---------------------------------------------------------- public API
+    def add_pages(self, pid: int, addr: int, data) -> None:
+        """Add len(data)//page_size pages of ``pid`` starting at ``addr``.
+        ``data`` is any buffer (bytes, bytearray, mmap, memoryview); it may be
+        reused as soon as the call returns."""
+        t = time.perf_counter()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if n % self.page_size:
+            raise ValueError(f"data length {n} is not a multiple of the page size")
+        npages = n // self.page_size
+        self._check(pid, addr, npages)
+        fs, ps = self.frame_size, self.page_size
+        off = 0
+        borrowed = False
+        while off < n:
+            rem = n - off
+            # Single-threaded, whole frames are compressed straight from the
+            # caller's buffer. With a pool, pages are copied (~10 GB/s) so the
+            # call can return without waiting and the workers stay busy.
+            if self._pool is None and self._fill == 0 and rem >= fs:
+                self._submit(mv[off:off + fs], [[pid, addr + off, fs // ps]], None)
+                borrowed = True
+                off += fs
+                continue
+            take = min(rem, fs - self._fill)
+            self._buf[self._fill:self._fill + take] = mv[off:off + take]
+            self._fill += take
+            self._entry(self._entries, pid, addr + off, take // ps)
+            off += take
+            if self._fill == fs:
+                self._emit_buffer()
+        self._pages += npages
+        if borrowed:
+            self._drain(0)          # the caller may reuse `data` once we return
+        self._busy += time.perf_counter() - t
+
+    def add_zero(self, pid: int, addr: int, npages: int) -> None:
+        """Record ``npages`` zero pages; no data is stored for them."""
+        self._check(pid, addr, npages)
+        self._entry(self._zeros, pid, addr, npages)
+        self._pages_zero += npages
+        if len(self._zeros) >= 65536:
+            self._write_pagemap(None, [])
+
+    def add_record(self, kind: str, message) -> None:
+        """Add one metadata record: a protobuf message (or its serialized bytes)."""
+        if self._closed:
+            raise ValueError("layer writer is closed")
+        payload = message if isinstance(message, (bytes, bytearray, memoryview)) \
+            else message.SerializeToString()
+        rec = F.Record(kind=kind, payload=bytes(payload))
+        self._records.append(self._pos)
+        self._block(F.BT_RECORD, rec.SerializeToString())
+
+    def close(self, **round_stats) -> LayerStats:
+        """Flush everything, write the trailer and publish the layer.
+        ``round_stats`` are RoundStats fields (freezing_ms, frozen_ms,
+        memdump_ms, memwrite_ms, pages_scanned, pages_skipped_parent); the
+        page and byte counts are the writer's own."""
+        if self._closed:
+            raise ValueError("layer writer is closed")
+        try:
+            t = time.perf_counter()
+            if self._fill:
+                self._emit_buffer()
+            self._drain(0)
+            if self._zeros:
+                self._write_pagemap(None, [])
+            self._busy += time.perf_counter() - t
+            stats = F.RoundStats(**round_stats)
+            stats.pages_written = self._pages
+            stats.pages_zero = self._pages_zero
+            stats.bytes_raw = self._pages * self.page_size
+            stats.bytes_stored = self._bytes_stored
+            if "memwrite_ms" not in round_stats:
+                stats.memwrite_ms = self._busy * 1000.0
+            if "pages_scanned" not in round_stats:
+                stats.pages_scanned = self._pages + self._pages_zero
+            tr = F.Trailer(stats=stats, frames=len(self._frames), pagemaps=len(self._pagemaps),
+                           records=len(self._records), frame_offsets=self._frames,
+                           pagemap_offsets=self._pagemaps, record_offsets=self._records,
+                           header_digest=self.header_digest, pages_zero=self._pages_zero,
+                           pids=len(self._next_addr))
+            self._block(F.BT_TRAILER, tr.SerializeToString())
+            path = self.sink.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._shutdown()
+        return LayerStats(self.layer_id, self.index, self.header_digest, self._pages,
+                          self._pages_zero, self._pages * self.page_size, self._bytes_stored,
+                          self._pos, len(self._frames), path)
+
+    def abort(self) -> None:
+        """Drop the layer: nothing of it becomes visible."""
+        self._closed = True
+        self._jobs.clear()
+        self._shutdown()
+        self.sink.abort()
+
+    @property
+    def parent_ref(self) -> ParentRef:
+        """How a child of this layer names it."""
+        return ParentRef(self.layer_id, self.header_digest, self.index)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+        return False
+
+    # ------------------------------------------------------------- internals
+    def _check(self, pid: int, addr: int, npages: int) -> None:
+        if self._closed:
+            raise ValueError("layer writer is closed")
+        if addr % self.page_size or npages <= 0 or addr < 0:
+            raise ValueError(f"bad page run: addr {addr:#x}, {npages} pages")
+        if addr < self._next_addr.get(pid, 0):
+            raise ValueError(f"pid {pid}: page {addr:#x} is below {self._next_addr[pid]:#x}; "
+                             f"add pages of a pid in increasing address order")
+        self._next_addr[pid] = addr + npages * self.page_size
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def _entry(self, entries: list, pid: int, addr: int, npages: int) -> None:
+        if entries:
+            last = entries[-1]
+            if last[0] == pid and last[1] + last[2] * self.page_size == addr:
+                last[2] += npages
+                return
+        entries.append([pid, addr, npages])
+
+    def _emit_buffer(self) -> None:
+        buf, fill, entries = self._buf, self._fill, self._entries
+        self._entries = []
+        self._fill = 0
+        if self._pool is None:
+            self._submit(memoryview(buf)[:fill], entries, None)   # synchronous: buffer reused
+        else:
+            self._buf = self._free.pop() if self._free else bytearray(self.frame_size)
+            self._submit(memoryview(buf)[:fill], entries, buf)
+
+    def _compress(self, src):
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        out = cctx.compress(src)
+        return out, zlib.crc32(out)
+
+    def _submit(self, src: memoryview, entries: list, owned: bytearray | None) -> None:
+        if self._pool is None:
+            self._write_frame(len(src), self._compress(src), entries)
+            return
+        self._jobs.append((self._pool.submit(self._compress, src), len(src), entries, owned))
+        self._drain(2 * self.threads)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._jobs) > keep:
+            fut, raw, entries, owned = self._jobs.popleft()
+            self._write_frame(raw, fut.result(), entries)
+            if owned is not None:
+                self._free.append(owned)
+
+    def _write_frame(self, raw: int, compressed, entries: list) -> None:
+        data, crc = compressed
+        frame_no = len(self._frames)
+        self._frames.append(self._pos)
+        head = F.pack_block_header(F.BT_FRAME, len(data), raw, crc, self._pos, self._seed)
+        self._write(head, data)
+        self._bytes_stored += len(data)
+        self._write_pagemap(frame_no, entries)
+
+    def _write_pagemap(self, frame_no: int | None, entries: list) -> None:
+        zeros, self._zeros = self._zeros, []
+        pm = F.PagemapBlock()
+        if frame_no is not None:
+            pm.frame = frame_no
+        for flag, lst in ((F.PE_DATA, entries), (F.PE_ZERO, zeros)):
+            for pid, addr, npages in lst:
+                pm.pid.append(pid)
+                pm.vaddr.append(addr)
+                pm.npages.append(npages)
+                pm.flags.append(flag)
+        self._pagemaps.append(self._pos)
+        self._block(F.BT_PAGEMAP, pm.SerializeToString())
+
+    def _block(self, btype: int, payload: bytes, aux: int = 0) -> None:
+        head = F.pack_block_header(btype, len(payload), aux, zlib.crc32(payload),
+                                   self._pos, self._seed)
+        self._write(head, payload)
+
+    def _write(self, *buffers) -> None:
+        self.sink.write(buffers)
+        self._pos += sum(len(b) for b in buffers)
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def open_layer_for_write(images_dir: str | os.PathLike, *, kind: str = F.KIND_DUMP,
+                         tracker: str = "full", **options) -> LayerWriter:
+    """A writer for the next layer of the chain in ``images_dir`` (created 0700
+    if missing): index and parent come from the validated chain, if any.
+    ``options``: level, threads, frame_size, kernel_release, page_size."""
+    from .reader import open_chain, list_layers
+
+    images_dir = os.fspath(images_dir)
+    parent = None
+    index = 0
+    if os.path.isdir(images_dir) and list_layers(images_dir):
+        with open_chain(images_dir) as chain:
+            top = chain.top
+            parent = ParentRef(top.layer_id, top.header_digest, top.index)
+            index = top.index + 1
+    sink = LocalSink(images_dir, index)
+    try:
+        return LayerWriter(sink, index=index, kind=kind, parent=parent, tracker=tracker, **options)
+    except BaseException:
+        sink.abort()
+        raise
