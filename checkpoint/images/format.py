@@ -21,7 +21,7 @@ import struct
 import zlib
 
 from .pb import core_pb2, files_pb2, inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2
-from .pb import signals_pb2, stats_pb2
+from .pb import process_pb2, signals_pb2, stats_pb2, tracking_pb2
 
 MAGIC = b"CKPTLAYR"
 FORMAT_VERSION = 1
@@ -66,6 +66,8 @@ RECORD_TYPES = {
     "signals": signals_pb2.SignalsEntry,
     "stats": stats_pb2.DumpStatsEntry,
     "restore-stats": stats_pb2.RestoreStatsEntry,
+    "process": process_pb2.ProcessEntry,
+    "tracker": tracking_pb2.TrackerStateEntry,
 }
 
 Inventory = inventory_pb2.Inventory
