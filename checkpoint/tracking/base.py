@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import ClassVar, NamedTuple
 
-from ..errors import KernelFeatureError, NoSuchProcess, UsageError
+from ..errors import ImageError, KernelFeatureError, NoSuchProcess, UsageError
 from ..kernel.pagemap import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from ..kernel.procfs import Vma, parse_auxv
 from .scan import PagemapScanner, scannable
@@ -123,6 +124,8 @@ class Tracker(ABC):
         self._reason: str | None = "first round"
         self._mm: bytes | None = None
         self._vmas: set[tuple] = set()  # vma_key of the VMAs seen at the last arm
+        #: vma_key of the VMAs the last collect() reported whole (cleared by the caller)
+        self.whole_vmas: set[tuple] = set()
 
     # -- availability
     @classmethod
@@ -160,11 +163,33 @@ class Tracker(ABC):
         return vma_key(vma) not in self._vmas
 
     def state_bytes(self) -> bytes:
-        """State to keep beside the layer (empty when there is none)."""
-        return b""
+        """State to keep beside the layer, so that a later engine run can go
+        on incrementally: the mm identity and the VMAs seen at the last arm
+        (trackers with more state extend it)."""
+        return json.dumps({"tracker": self.name, "mm": (self._mm or b"").hex(),
+                           "armed": self._reason is None,
+                           "vmas": sorted(list(k) for k in self._vmas)}).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes, **kw) -> "Tracker":
+        try:
+            d = json.loads(data)
+            if d.get("tracker") != cls.name:
+                raise ValueError(f"state of tracker {d.get('tracker')!r}, not {cls.name!r}")
+            t = cls(**kw)
+            t._mm = bytes.fromhex(d["mm"]) or None
+            t._vmas = {tuple(k) for k in d["vmas"]}
+            t._reason = None if d["armed"] else "first round"
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ImageError(f"corrupt {cls.name} tracker state: {exc}") from None
+        return t
 
     # -- helpers for subclasses
     def _content(self, scanner: PagemapScanner, vma: Vma) -> Iterator[DirtyBatch]:
+        """Every page with content of ``vma`` (the VMA is reported whole:
+        noted in :attr:`whole_vmas`, so the dumper can mark the rest of it
+        as having no content and stale pages of older layers never show)."""
+        self.whole_vmas.add(vma_key(vma))
         for batch in scanner.scan(vma.start, vma.end, **content_scan_kw(vma)):
             yield DirtyBatch(vma, batch)
 
