@@ -18,6 +18,7 @@ from .freezer import terminate_unwinds
 COMMAND_MODULES = [
     "checkpoint.commands.check",
     "checkpoint.commands.images",
+    "checkpoint.commands.dump",
 ]
 
 

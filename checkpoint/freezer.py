@@ -242,6 +242,28 @@ class FrozenProcess:
                 raise FreezeError(f"could not release every thread of {self.pid}: "
                                   + "; ".join(errors), self.pid)
 
+    def kill(self) -> None:
+        """SIGKILL the frozen process and wait until every thread is gone (it
+        never runs again: nothing it does after a dump can be lost)."""
+        with deferred_signals():
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for tid in sorted(self.threads, key=lambda t: t == self.pid):
+                for _ in range(100):
+                    try:
+                        st = wait_stop(tid, self.timeout)
+                    except (ChildProcessError, FreezeError):
+                        break
+                    if st.exited:
+                        break
+                    try:  # a stop reported on the way out: let it go on dying
+                        pt.cont(tid)
+                    except OSError:
+                        break
+            self.threads.clear()
+
     def _release(self, th: FrozenThread) -> None:
         tid = th.tid
         for _ in range(3):

@@ -1,0 +1,66 @@
+"""`checkpoint pre-dump` and `checkpoint dump` (CRIU's verbs and short options)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..dump import Checkpointer
+
+
+def _common(p) -> None:
+    p.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID",
+                   help="the process to checkpoint")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                   help="directory of the layer chain (created 0700)")
+    p.add_argument("--track", default="auto",
+                   choices=["auto", "uffd-wp", "soft-dirty", "hash", "full"],
+                   help="dirty-page tracker (default: the best this kernel offers)")
+    p.add_argument("--compress-level", type=int, default=1, metavar="N",
+                   help="zstd level (default 1)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="compression threads (default 1)")
+    p.add_argument("--max-pages", type=int, default=0, metavar="N",
+                   help="PAGEMAP_SCAN page budget per call (0: none)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
+    p.add_argument("--json", action="store_true", help="print the round's stats as JSON")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pre-dump", help="dump memory only; the target keeps running",
+                       description="Add one memory layer to the chain (the first is full, "
+                                   "later ones hold the pages written since); the target "
+                                   "keeps running and tracking stays armed.")
+    _common(p)
+    p.set_defaults(func=run, final=False)
+    p = sub.add_parser("dump", help="final dump of the complete state",
+                       description="Add the final layer with the complete process state. "
+                                   "The target is killed once the layer is published, "
+                                   "unless -R.")
+    _common(p)
+    p.add_argument("-R", "--leave-running", action="store_true",
+                   help="leave the target running after the dump")
+    p.add_argument("--external-fds", action="store_true",
+                   help="record unsupported fds (sockets ...) as external instead of "
+                        "failing; restore them with --inherit-fd")
+    p.set_defaults(func=run, final=True)
+
+
+def run(args) -> int:
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="checkpoint: %(message)s")
+    with Checkpointer(args.pid, args.images_dir, track=args.track,
+                      compress_level=args.compress_level, threads=args.threads,
+                      max_pages=args.max_pages,
+                      external_fds=getattr(args, "external_fds", False),
+                      progress=None if not args.json else False) as ck:
+        st = ck.dump(leave_running=args.leave_running) if args.final else ck.pre_dump()
+    if args.json:
+        from ..cli import emit_json
+        emit_json(st.as_json())
+    else:
+        reason = f" ({st.full_reason})" if st.full_reason else ""
+        print(f"{st.kind} layer {st.layer} of {args.pid}: {st.pages_written} pages written, "
+              f"{st.pages_zero} zero, {st.pages_skipped_parent} in parent{reason}; "
+              f"{st.bytes_raw / 2**20:.1f} MiB -> {st.bytes_stored / 2**20:.1f} MiB; "
+              f"frozen {st.frozen_ms:.1f} ms")
+    return 0

@@ -1,0 +1,371 @@
+"""The dumper: turn a running process into a layer chain.
+
+    with Checkpointer(pid, images_dir, track="auto") as ck:
+        ck.pre_dump()                 # memory only; target keeps running
+        ck.pre_dump()                 # incremental
+        ck.dump(leave_running=False)  # complete state; target killed once published
+
+A pre-dump round freezes the target, records the memory map, takes the
+dirty set from the tracker (get-and-clear) and arms it for the next round,
+then thaws; pages are read and compressed while the target runs (a page
+written meanwhile is dirty again and comes in the next round). A dump round
+does everything inside the freeze. Nothing is published unless complete (the
+layer writer publishes by rename); on any error the target is thawed and the
+previous layers stay as they were.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from array import array
+from dataclasses import asdict, dataclass
+
+from .errors import CheckpointError, ImageError, TargetExited, UsageError
+from .freezer import FrozenProcess, freeze_process
+from .images import open_chain, open_layer_for_write
+from .images.format import KIND_DUMP, KIND_PREDUMP
+from .images.pb import tracking_pb2
+from .images.reader import list_layers
+from .inject import Injector, ProcMem
+from .kernel import procfs
+from .kernel.procfs import PAGE_SIZE
+from .objects import mm as mm_obj
+from .objects import process as proc_obj
+from .objects import signals as sig_obj
+from .objects import threads as thr_obj
+from .progress import Progress
+from .tracking.base import (REGION_ZERO, Tracker, choose_tracker, content_scan_kw, trackable,
+                            vma_key)
+from .tracking.scan import PagemapScanner, batch_pages
+
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class DumpStats:
+    """One round's figures (names follow CRIU's stats image)."""
+
+    layer: int
+    kind: str
+    tracker: str
+    full_reason: str
+    freezing_ms: float
+    frozen_ms: float
+    memdump_ms: float
+    memwrite_ms: float
+    pages_scanned: int
+    pages_written: int
+    pages_skipped_parent: int
+    pages_zero: int
+    bytes_raw: int
+    bytes_stored: int
+    path: str
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+class Checkpointer:
+    """Checkpoint rounds of one process into one images directory."""
+
+    def __init__(self, pid: int, images_dir: str | os.PathLike, *, track: str = "auto",
+                 compress_level: int = 1, threads: int = 1, max_pages: int = 0,
+                 external_fds: bool = False, progress: bool | None = None,
+                 freeze_timeout: float = 5.0):
+        if not isinstance(pid, int) or pid <= 0:
+            raise UsageError(f"invalid PID {pid!r}")
+        self.pid = pid
+        self.images_dir = os.fspath(images_dir)
+        self.track = track
+        self.level = compress_level
+        self.threads = threads
+        self.max_pages = max_pages
+        self.external_fds = external_fds
+        self.progress = progress
+        self.freeze_timeout = freeze_timeout
+        self.tracker: Tracker | None = None
+        self._tracker_from: str = ""
+        self._prepare_dir()
+
+    # -- chain and tracker ---------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        d = self.images_dir
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise UsageError(f"images directory {d} is not a directory")
+        if not os.path.isdir(d):
+            try:
+                os.makedirs(d, mode=0o700)
+            except OSError as exc:
+                raise CheckpointError(f"cannot create images directory {d}: "
+                                      f"{exc.strerror}") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise CheckpointError(f"images directory {d} is not writable")
+
+    def _load_chain_state(self) -> None:
+        """Check the chain belongs to this very process; take its tracker state."""
+        target_start = proc_obj.start_time(self.pid)
+        tracker_cls = choose_tracker(self.track)
+        saved = None
+        if list_layers(self.images_dir):
+            with open_chain(self.images_dir) as chain:
+                if chain.top.kind == KIND_DUMP:
+                    raise ImageError("the chain already ends with a final dump; use a new "
+                                     "images directory", path=chain.top.path)
+                trees = [m for _, m in chain.records("pstree")]
+                if trees and (trees[0].pid != self.pid or trees[0].start_time != target_start):
+                    raise ImageError(f"holds the chain of another process (PID {trees[0].pid}, "
+                                     f"started at tick {trees[0].start_time}); target "
+                                     f"{self.pid} started at tick {target_start}",
+                                     path=self.images_dir)
+                for _, m in chain.records("tracker"):
+                    if m.pid == self.pid:
+                        saved = m
+        if self.tracker is not None and self.tracker.name == tracker_cls.name:
+            return  # same engine, next round: keep the live tracker
+        if saved is not None and saved.tracker == tracker_cls.name:
+            self.tracker = tracker_cls.from_state(saved.state)
+        else:
+            self.tracker = tracker_cls()
+            if saved is not None:
+                self.tracker.reset(f"tracker changed from {saved.tracker} to {tracker_cls.name}")
+
+    # -- rounds ---------------------------------------------------------------
+
+    def pre_dump(self) -> DumpStats:
+        """Memory only; the target keeps running; adds one layer."""
+        return self._round(final=False, leave_running=True)
+
+    def dump(self, leave_running: bool = False) -> DumpStats:
+        """The final layer with the complete state; kills the target once the
+        layer is published unless ``leave_running``."""
+        return self._round(final=True, leave_running=leave_running)
+
+    def _round(self, *, final: bool, leave_running: bool) -> DumpStats:
+        self._load_chain_state()
+        tracker = self.tracker
+        kind = KIND_DUMP if final else KIND_PREDUMP
+        writer = open_layer_for_write(self.images_dir, kind=kind, tracker=tracker.name,
+                                      level=self.level, threads=self.threads)
+        progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
+        proc: FrozenProcess | None = None
+        try:
+            t_frozen = time.perf_counter()
+            proc = freeze_process(self.pid, self.freeze_timeout)
+            try:
+                tracker.bind(proc)
+                full_reason = tracker.full_reason(self.pid) or ""
+                records = self._metadata(proc, final)
+                vmas = records.pop("_vmas")
+                tracker.whole_vmas.clear()
+                regions = _collect(tracker, self.pid, vmas)
+                if not final:  # a final dump ends the chain: nothing to arm for
+                    tracker.arm(self.pid, vmas)
+                records["tracker"] = tracking_pb2.TrackerStateEntry(
+                    pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
+                    full_reason=full_reason)
+                if not final:
+                    proc.thaw()
+                    frozen_ms = (time.perf_counter() - t_frozen) * 1e3
+                t_mem = time.perf_counter()
+                mem_ms = self._write_pages(writer, regions, progress)
+                present = 0 if full_reason else _count_present(self.pid, vmas)
+                if final:
+                    frozen_ms = (time.perf_counter() - t_frozen) * 1e3
+            except BaseException:
+                if proc.threads:
+                    proc.thaw()
+                raise
+            for kind_, msg in records.items():
+                for m in (msg if isinstance(msg, list) else [msg]):
+                    writer.add_record(kind_, m)
+            pages_scanned = sum(v.pages for v in vmas if trackable(v))
+            skipped = max(0, present - regions.data_pages)
+            write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
+            st = writer.close(freezing_ms=proc.freezing_ms, frozen_ms=frozen_ms,
+                              memdump_ms=mem_ms, memwrite_ms=write_ms,
+                              pages_scanned=pages_scanned, pages_skipped_parent=skipped)
+            write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
+        except OSError as exc:
+            writer.abort()
+            if proc is not None and proc.threads:
+                proc.thaw()
+            if exc.errno == errno.ENOSPC:
+                raise CheckpointError(f"no space left on device writing the layer into "
+                                      f"{self.images_dir}; nothing was published") from None
+            if exc.errno in (errno.ESRCH, errno.ENOENT):
+                raise TargetExited(f"process {self.pid} exited during the dump; "
+                                   "nothing was published", self.pid) from None
+            raise CheckpointError(f"dump of {self.pid} failed: {exc}; nothing was "
+                                  "published") from None
+        except BaseException:
+            writer.abort()
+            if proc is not None and proc.threads:
+                proc.thaw()
+            raise
+        finally:
+            progress.close()
+        if final:
+            if leave_running:
+                proc.thaw()
+            else:
+                proc.kill()
+        return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
+                         full_reason=full_reason, freezing_ms=proc.freezing_ms,
+                         frozen_ms=frozen_ms, memdump_ms=mem_ms, memwrite_ms=write_ms,
+                         pages_scanned=pages_scanned, pages_written=st.pages,
+                         pages_skipped_parent=skipped,
+                         pages_zero=st.pages_zero, bytes_raw=st.bytes_raw,
+                         bytes_stored=st.bytes_stored, path=st.path)
+
+    # -- pieces ---------------------------------------------------------------
+
+    def _metadata(self, proc: FrozenProcess, final: bool) -> dict:
+        """Records of this round, taken inside the freeze. Pre-dumps hold the
+        tree and the memory map only; a dump holds everything."""
+        pid = self.pid
+        out: dict = {}
+        cores = []
+        with Injector(proc, _leader(proc)) as remote:
+            brk = mm_obj.read_brk(remote)
+            if final:
+                out["signals"] = sig_obj.dump_signals(remote)
+                cores.append(thr_obj.dump_thread(remote))
+                mem = ProcMem(pid, writable=False)
+                try:
+                    vdso = mm_obj.vdso_identity(pid, procfs.read_maps(pid), mem)
+                finally:
+                    mem.close()
+                out["process"] = proc_obj.dump_process(remote, vdso)
+        if final:
+            for tid in proc.tids:
+                if tid != remote.tid:
+                    with Injector(proc, tid) as r:
+                        cores.append(thr_obj.dump_thread(r))
+        # the maps are read after every injector has unmapped its scratch page
+        vmas = procfs.read_smaps(pid)
+        out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
+        out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
+        if final:
+            out["core"] = cores
+            from .objects.files import dump_files
+            parked = _engine_fds(self.tracker, pid)
+            out["files"] = dump_files(proc, external=self.external_fds, exclude_fds=parked)
+        out["_vmas"] = vmas
+        return out
+
+    def _write_pages(self, writer, regions: "Regions", progress: "Progress") -> float:
+        """Read the data regions from the target and feed them to the writer,
+        in address order, zero regions as zero. Returns ms spent reading."""
+        read_s = 0.0
+        pid = self.pid
+        buf = bytearray(READ_CHUNK)
+        mv = memoryview(buf)
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            raise TargetExited(f"process {pid} exited during the dump", pid) from None
+        progress.total(regions.data_pages)
+        try:
+            rows = regions.rows
+            for i in range(0, len(rows), 3):
+                s, e, f = rows[i], rows[i + 1], rows[i + 2]
+                if f & REGION_ZERO:
+                    writer.add_zero(pid, s, (e - s) // PAGE_SIZE)
+                    continue
+                a = s
+                while a < e:
+                    n = min(READ_CHUNK, e - a)
+                    t = time.perf_counter()
+                    got = os.preadv(fd, [mv[:n]], a)
+                    read_s += time.perf_counter() - t
+                    if got != n:
+                        raise TargetExited(f"process {pid}: memory at {a:#x} vanished during "
+                                           "the dump", pid)
+                    writer.add_pages(pid, a, mv[:n])
+                    progress.advance(n // PAGE_SIZE)
+                    a += n
+        finally:
+            os.close(fd)
+        return read_s * 1e3
+
+    def close(self) -> None:
+        if self.tracker is not None and hasattr(self.tracker, "close"):
+            self.tracker.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Regions:
+    """The round's regions, address-ordered, in one flat array('Q') of
+    (start, end, flags) triples; memory 24 bytes a region."""
+
+    def __init__(self):
+        self.rows = array("Q")
+        self.data_pages = 0
+
+
+def _collect(tracker: Tracker, pid: int, vmas: list[procfs.Vma]) -> Regions:
+    """Run the tracker; sort each VMA's regions; mark the pages of VMAs
+    reported whole that have no content as zero (so older layers' pages at
+    those addresses never come back)."""
+    out = Regions()
+    per_vma: dict[tuple, list] = {}
+    for batch in tracker.collect(pid, vmas):
+        per_vma.setdefault(vma_key(batch.vma), []).extend(
+            (s, e, REGION_ZERO if f & REGION_ZERO else 0) for s, e, f in batch.regions.tolist())
+    for v in vmas:
+        key = vma_key(v)
+        if v.path in mm_obj.SPECIAL or mm_obj.content_in_file(v):
+            continue  # the kernel's pages; or a shared file mapping: the file has them
+        rows = sorted(per_vma.get(key, ()))
+        if key in tracker.whole_vmas:
+            rows = _fill_gaps(v, rows)
+        for s, e, f in rows:
+            out.rows.extend((s, e, f))
+            if not f & REGION_ZERO:
+                out.data_pages += (e - s) // PAGE_SIZE
+    return out
+
+
+def _fill_gaps(v: procfs.Vma, rows: list) -> list:
+    out, at = [], v.start
+    for s, e, f in rows:
+        if s > at:
+            out.append((at, s, REGION_ZERO))
+        out.append((s, e, f))
+        at = e
+    if at < v.end:
+        out.append((at, v.end, REGION_ZERO))
+    return out
+
+
+def _leader(proc: FrozenProcess) -> int:
+    return proc.pid if proc.pid in proc.threads else proc.tids[0]
+
+
+def _engine_fds(tracker: Tracker | None, pid: int) -> set[int]:
+    """fds the engine parked in the target (not the program's)."""
+    out = set()
+    for name in ("uffd_fd", "tag_fd"):
+        fd = getattr(tracker, name, -1)
+        if isinstance(fd, int) and fd >= 0:
+            out.add(fd)
+    return out
+
+
+def _count_present(pid: int, vmas: list[procfs.Vma]) -> int:
+    """Pages with content in the target (for pages_skipped_parent)."""
+    n = 0
+    with PagemapScanner(pid) as scanner:
+        for v in vmas:
+            if trackable(v) and v.path not in mm_obj.SPECIAL and not mm_obj.content_in_file(v):
+                for b in scanner.scan(v.start, v.end, **content_scan_kw(v)):
+                    n += batch_pages(b)
+    return n

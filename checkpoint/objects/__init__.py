@@ -1,0 +1,1 @@
+"""One module per kind of process state, each with its dump and restore."""

@@ -1,0 +1,41 @@
+"""A progress bar on a terminal (stderr), silent when piped or disabled."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, label: str, enabled: bool | None = None, unit: str = "pages"):
+        self.label = label
+        self.unit = unit
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._total = 0
+        self._done = 0
+        self._last = 0.0
+        self._shown = False
+
+    def total(self, n: int) -> None:
+        self._total = n
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and self._done < self._total:
+            return
+        self._last = now
+        frac = self._done / self._total if self._total else 1.0
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label}: [{bar:<30}] {frac * 100:5.1f}% "
+                         f"{self._done}/{self._total} {self.unit}")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._shown = False
