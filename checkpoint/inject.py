@@ -264,6 +264,18 @@ class Injector:
 
     # -- helpers ----------------------------------------------------------
 
+    def install_on_exit(self, regs: pt.user_regs_struct, xstate: bytes, sigmask: int) -> None:
+        """Leave the thread with this state instead of the one it had (the
+        restorer's final registers); installed at the interrupt stop."""
+        self.saved_regs = regs
+        self.saved_xstate = xstate
+        self.saved_sigmask = sigmask
+
+    def forget_scratch(self) -> None:
+        """The scratch page was unmapped by an injected call (the restorer
+        clears the whole address space): map a new one on next use."""
+        self._scratch = None
+
     @property
     def scratch(self) -> int:
         """A private RW page mapped in the target for syscall arguments;

@@ -45,7 +45,7 @@ from ..kernel import uffd as U
 from ..kernel.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN
 from ..kernel.procfs import Vma
 from ..kernel.syscalls import pidfd_getfd, pidfd_open
-from .base import (REGION_ZERO, DirtyBatch, Tracker, content_scan_kw, mm_identity, register,
+from .base import (REGION_ZERO, DirtyBatch, Tracker, register,
                    trackable, vma_key)
 from .scan import PagemapScanner, make_batch
 

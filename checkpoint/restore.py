@@ -1,0 +1,558 @@
+"""The restorer: replay a layer chain into a new process that continues
+exactly where the dumped one stopped.
+
+    r = restore(images_dir, detach=True)    # -> Restored(pid)
+    r.wait()
+
+How (shared/notes/restore-probe.md has the probe this follows):
+1. Open the chain and check every checksum and link *before* anything is
+   started; check the vDSO (same kernel) and every mapped file's identity.
+2. Start a placeholder (``sleep``) with the original PID (clone3 ``set_tid``
+   from the engine), or a new one (``new_pids``); seize it.
+3. Inside it, by injected syscalls: unregister its rseq; unmap everything but
+   the vDSO block; move [vvar]/[vvar_vclock]/[vdso] to their dumped
+   addresses; map every VMA (files reopened, anonymous memory fresh); write
+   the pages from the newest layer holding each; PR_SET_MM_MAP (mm fields,
+   auxv, exe); signal dispositions; files; process attributes; per-thread
+   state; the other threads by clone3 with their original TIDs.
+4. Install the final registers at an interrupt stop (with the restart of an
+   interrupted syscall applied by hand) and detach.
+
+A failure at any step kills the half-built process and says which object
+failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import CheckpointError, ImageError, InjectionError, UsageError
+from .freezer import FrozenProcess, FrozenThread, _task_state, freeze_process
+from .images import open_chain
+from .images.format import KIND_DUMP
+from .inject import Injector, ProcMem
+from .kernel import procfs
+from .kernel import ptrace as pt
+from .kernel.syscalls import NR, clone_args, raw_syscall
+from .objects import mm as mm_obj
+from .objects.threads import restart_fixup
+
+PAGE = procfs.PAGE_SIZE
+TASK_SIZE = 0x7FFF_FFFF_F000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FIXED = 0x10
+O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
+AT_FDCWD = -100
+RSEQ_FLAG_UNREGISTER = 1
+PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 15, 35, 14
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
+THREAD_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD
+                | CLONE_SYSVSEM | CLONE_CHILD_CLEARTID)
+SS_DISABLE = 2
+PLACEHOLDER = ["sleep", "infinity"]
+
+
+class RestoreError(CheckpointError):
+    """A restore step failed; the message names the object and why."""
+
+    exit_code = 7
+
+
+@dataclass
+class Restored:
+    """A restored process. ``pid`` is its PID; the engine is its parent."""
+
+    pid: int
+    restore_ms: float
+    pages_restored: int
+    layers: int
+    _popen: object = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the restored process; returns its exit status like
+        subprocess (negative signal number when killed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid == self.pid:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"restored process {self.pid} still running")
+            time.sleep(0.01)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def as_json(self) -> dict:
+        return {"pid": self.pid, "restore_ms": self.restore_ms,
+                "pages_restored": self.pages_restored, "layers": self.layers}
+
+
+# --------------------------------------------------------------------------
+# checks before anything starts
+
+
+def _own_vdso() -> tuple[bytes, int, int, int]:
+    vmas = procfs.read_maps(os.getpid())
+    mem = ProcMem(os.getpid(), writable=False)
+    try:
+        ident = mm_obj.vdso_identity(os.getpid(), vmas, mem)
+    finally:
+        mem.close()
+    return (ident["vdso_digest"], ident["vdso_size"], ident["vvar_size"],
+            ident["vvar_vclock_size"])
+
+
+def check_images(process, mm) -> None:
+    """Refuse, before starting anything, what cannot be restored right."""
+    mine = _own_vdso()
+    theirs = (process.vdso_digest, process.vdso_size, process.vvar_size,
+              process.vvar_vclock_size)
+    if mine != theirs:
+        raise RestoreError("the image was dumped with another kernel's vDSO (its [vdso] "
+                           "differs from this kernel's): restore on the kernel it was "
+                           "dumped on")
+    for v in mm.vmas:
+        if not v.inode or v.path.startswith("[") or v.status & (mm_obj.VMA_DELETED
+                                                                 | mm_obj.VMA_SHARED_ANON):
+            continue
+        if v.path.startswith("/memfd:"):
+            continue
+        try:
+            st = os.stat(v.path)
+        except OSError as exc:
+            raise RestoreError(f"mapped file {v.path} (VMA {v.start:#x}-{v.end:#x}): "
+                               f"{exc.strerror}") from None
+        diffs = []
+        if st.st_ino != v.inode or st.st_dev != v.dev:
+            diffs.append("it is another file (device/inode differ)")
+        if v.file_size and st.st_size != v.file_size:
+            diffs.append(f"size {st.st_size} != {v.file_size}")
+        if v.file_mtime_ns and st.st_mtime_ns != v.file_mtime_ns:
+            diffs.append("modification time differs")
+        if diffs:
+            raise RestoreError(f"mapped file {v.path} changed since the dump: "
+                               + ", ".join(diffs) + "; refusing to restore on top of it")
+
+
+# --------------------------------------------------------------------------
+# the placeholder
+
+
+def _clone_with_pid(pid: int) -> int:
+    """fork() with a chosen PID: clone3 set_tid. The dumped process, just
+    killed, may still be a zombie waiting for its parent: retry a moment."""
+    tid = (ctypes.c_int32 * 1)(pid)
+    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    give_up = time.monotonic() + 3
+    while True:
+        try:
+            return raw_syscall(NR["clone3"], ctypes.addressof(args), ctypes.sizeof(args))
+        except OSError as exc:
+            if exc.errno == errno.EEXIST and time.monotonic() < give_up and \
+                    _task_state(pid) in ("Z", "X", ""):
+                time.sleep(0.01)
+                continue
+            if exc.errno == errno.EEXIST:
+                raise RestoreError(f"PID {pid} of the dumped process is taken on this host; "
+                                   "restore with --pid-ns (a new PID namespace) or "
+                                   "--new-pids") from None
+            if exc.errno == errno.EPERM:
+                raise RestoreError(f"not permitted to create a process with PID {pid} "
+                                   "(clone3 set_tid needs CAP_CHECKPOINT_RESTORE or "
+                                   "CAP_SYS_ADMIN); try --new-pids") from None
+            raise RestoreError(f"clone3 with PID {pid} failed: {exc.strerror}") from None
+
+
+def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = ()) -> int:
+    """Start the placeholder as our child, with PID ``pid`` (clone3 set_tid)
+    or any PID; returns its PID once it runs the placeholder program."""
+    exe = shutil.which(PLACEHOLDER[0])
+    if exe is None:
+        raise RestoreError(f"placeholder program {PLACEHOLDER[0]!r} not found in PATH")
+    child = os.fork() if pid is None else _clone_with_pid(pid)
+    if child == 0:  # pragma: no cover - the child: become the placeholder
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+                signal.signal(s, signal.SIG_DFL)
+            for fd in pass_fds:  # everything else of ours is close-on-exec
+                os.set_inheritable(fd, True)
+            os.execv(exe, [exe, *PLACEHOLDER[1:]])
+        finally:
+            os._exit(127)
+    # wait until it runs the placeholder (exec done) and sleeps
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if os.readlink(f"/proc/{child}/exe") == os.path.realpath(exe) and \
+                    procfs.read_stat(child).state == "S":
+                return child
+        except (OSError, CheckpointError):
+            pass
+        if time.monotonic() > deadline:
+            _kill_reap(child)
+            raise RestoreError("the placeholder process did not start")
+        time.sleep(0.0005)
+
+
+def _kill_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(200):
+        try:
+            got, _ = os.waitpid(pid, os.WNOHANG | pt.__WALL)
+        except ChildProcessError:
+            return
+        if got == pid:
+            return
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------
+# the restore proper
+
+
+class _Builder:
+    """Builds the dumped process inside a frozen placeholder."""
+
+    def __init__(self, chain, records: dict, proc: FrozenProcess, inherit: dict[str, int],
+                 restart_block: str):
+        self.chain = chain
+        self.rec = records
+        self.proc = proc
+        self.pid = proc.pid
+        self.inherit = inherit
+        self.restart_block = restart_block
+        self.pages = 0
+
+    def run(self) -> None:
+        proc, rec = self.proc, self.rec
+        cores = {c.tid: c for c in rec["core"]}
+        leader = rec["pstree"].pid
+        with Injector(proc, proc.pid) as r:
+            self._what = "placeholder rseq"
+            cfg = pt.get_rseq_configuration(proc.pid)
+            if cfg.pointer:
+                r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
+            self._what = "address space"
+            self._clear_and_move_vdso(r)
+            self._map_vmas(r)
+            self._what = "memory pages"
+            self._write_pages()
+            self._what = "mm fields (PR_SET_MM_MAP)"
+            self._set_mm(r)
+            self._what = "signal dispositions"
+            self._sigactions(r)
+            self._what = "files"
+            from .objects.files import restore_files
+            restore_files(r, rec["files"], inherit=self.inherit)
+            self._what = "process attributes"
+            self._process_attrs(r)
+            self._what = f"thread {leader}"
+            self._thread_state(r, cores[leader])
+            for tid in rec["pstree"].threads:
+                if tid != leader:
+                    self._what = f"thread {tid}"
+                    self._new_thread(r, cores[tid])
+            self._what = "pending signals"
+            self._pending_signals(r, cores)
+            self._what = f"thread {leader} registers"
+            r.install_on_exit(*self._final_state(cores[leader]))
+
+    # -- address space ---------------------------------------------------------
+
+    def _clear_and_move_vdso(self, r: Injector) -> None:
+        cur = {v.path: v for v in procfs.read_maps(self.pid)
+               if v.path in ("[vvar]", "[vvar_vclock]", "[vdso]")}
+        lo = min(v.start for v in cur.values())
+        hi = max(v.end for v in cur.values())
+        gadget_off = self.proc._gadget - cur["[vdso]"].start
+        r.call("munmap", 0, lo)
+        r.call("munmap", hi, TASK_SIZE - hi)
+        r.forget_scratch()
+        want = {v.path: v for v in self.rec["mm"].vmas
+                if v.path in ("[vvar]", "[vvar_vclock]", "[vdso]")}
+        if set(want) != set(cur):
+            raise RestoreError(f"vDSO layout differs: image has {sorted(want)}, this kernel "
+                               f"{sorted(cur)}")
+        wlo = min(v.start for v in want.values())
+        whi = max(v.end for v in want.values())
+        if wlo == lo:
+            return
+        if wlo < hi and lo < whi:  # overlap: bounce through a free place first
+            bounce = whi + 0x100000 if whi + (hi - lo) + 0x100000 < TASK_SIZE else 0x10000000
+            self._move_block(r, cur, bounce - lo)
+            cur = {p: procfs.Vma(v.start + bounce - lo, v.end + bounce - lo, v.perms, 0, 0, 0,
+                                 0, p) for p, v in cur.items()}
+            lo = bounce
+        self._move_block(r, cur, wlo - lo)
+        self.proc._gadget = want["[vdso]"].start + gadget_off
+
+    def _move_block(self, r: Injector, cur: dict, delta: int) -> None:
+        for path in ("[vvar]", "[vvar_vclock]", "[vdso]"):
+            v = cur.get(path)
+            if v is not None:
+                got = r.call("mremap", v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED,
+                             v.start + delta)
+                if path == "[vdso]":
+                    self.proc._gadget += got - v.start
+
+    def _path_in_target(self, r: Injector, path: str) -> int:
+        raw = os.fsencode(path) + b"\0"
+        if len(raw) > PAGE - 64:
+            raise RestoreError(f"path too long: {path[:80]}...")
+        r.write(r.scratch, raw)
+        return r.scratch
+
+    def _map_vmas(self, r: Injector) -> None:
+        opened: dict[str, int] = {}
+        try:
+            for v in self.rec["mm"].vmas:
+                if v.path in mm_obj.SPECIAL:
+                    continue
+                self._what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
+                flags = (v.flags & ~0x20) | MAP_FIXED  # MAP_ANONYMOUS set below when needed
+                fd, off = -1, 0
+                file_backed = v.inode and not v.path.startswith("[") and not v.status & (
+                    mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON) and \
+                    not v.path.startswith("/memfd:")
+                if file_backed:
+                    fd = opened.get(v.path)
+                    if fd is None:
+                        acc = O_RDWR if v.flags & 0x01 and v.prot & 2 else O_RDONLY
+                        fd = r.call("openat", AT_FDCWD, self._path_in_target(r, v.path),
+                                    acc | O_CLOEXEC, 0)
+                        opened[v.path] = fd
+                    off = v.offset
+                else:
+                    flags |= 0x20
+                got = r.call("mmap", v.start, v.end - v.start, v.prot, flags, fd, off)
+                if got != v.start:
+                    raise RestoreError(f"mmap put {self._what} at {got:#x}")
+        finally:
+            for fd in opened.values():
+                r.syscall("close", fd)
+
+    def _write_pages(self) -> None:
+        """Every data page from the newest layer holding it, inside the
+        dumped VMAs that keep their pages in the image."""
+        pid = self.rec["pstree"].pid
+        spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
+                       if v.path not in mm_obj.SPECIAL
+                       and not v.status & mm_obj.VMA_CONTENT_IN_FILE)
+        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            i = 0
+            for run in self.chain.iter_runs(pid, zero_data=False):
+                if run.zero:
+                    continue  # fresh mappings are zero, or show their file
+                a, e = run.addr, run.addr + run.npages * PAGE
+                while i < len(spans) and spans[i][1] <= a:
+                    i += 1
+                j = i
+                while j < len(spans) and spans[j][0] < e:
+                    s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
+                    if s0 < e0:
+                        data = run.data[s0 - a:e0 - a]
+                        n = os.pwrite(fd, data, s0)
+                        if n != len(data):
+                            raise RestoreError(f"short write of pages at {s0:#x}")
+                        self.pages += (e0 - s0) // PAGE
+                    j += 1
+        finally:
+            os.close(fd)
+
+    def _set_mm(self, r: Injector) -> None:
+        mm = self.rec["mm"]
+        auxv = list(mm.auxv) + [0, 0]
+        auxv_raw = struct.pack(f"<{len(auxv)}Q", *auxv)
+        exe_fd = r.call("openat", AT_FDCWD, self._path_in_target(r, mm.exe_path),
+                        O_RDONLY | O_CLOEXEC, 0)
+        try:
+            base = r.scratch
+            r.write(base + 1024, auxv_raw)
+            m = struct.pack("<11QQII", mm.mm_start_code, mm.mm_end_code, mm.mm_start_data,
+                            mm.mm_end_data, mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack,
+                            mm.mm_arg_start, mm.mm_arg_end, mm.mm_env_start, mm.mm_env_end,
+                            base + 1024, len(auxv_raw), exe_fd)
+            r.write(base, m)
+            r.call("prctl", PR_SET_MM, PR_SET_MM_MAP, base, len(m), 0)
+        finally:
+            r.syscall("close", exe_fd)
+
+    def _sigactions(self, r: Injector) -> None:
+        for a in self.rec["signals"].actions:
+            r.write(r.scratch, struct.pack("<QQQQ", a.handler, a.flags, a.restorer, a.mask))
+            r.call("rt_sigaction", a.sig, r.scratch, 0, 8)
+
+    def _process_attrs(self, r: Injector) -> None:
+        p = self.rec["process"]
+        r.call("personality", p.personality)
+        for lim in p.rlimits:
+            r.write(r.scratch, struct.pack("<QQ", lim.cur, lim.max))
+            res = r.syscall("prlimit64", 0, lim.resource, r.scratch, 0)
+            if res == -errno.EPERM:
+                # raising a hard limit needs CAP_SYS_RESOURCE: never grant more
+                # than the caller has; keep the lower limit (documented)
+                continue
+            if res < 0:
+                raise RestoreError(f"rlimit {lim.resource}: {os.strerror(-res)}")
+        c = p.creds
+        cur = procfs.read_status(self.pid)
+        if tuple(c.gid) != tuple(cur.gid) or tuple(c.uid) != tuple(cur.uid):
+            groups = list(c.groups)
+            r.write(r.scratch, struct.pack(f"<{len(groups)}I", *groups) if groups else b"\0")
+            for call, args in (("setgroups", (len(groups), r.scratch)),
+                               ("setresgid", tuple(c.gid[:3])),
+                               ("setresuid", tuple(c.uid[:3]))):
+                res = r.syscall(call, *args)
+                if res < 0:
+                    raise RestoreError(f"credentials (uid {list(c.uid)}, gid {list(c.gid)}): "
+                                       f"{call} failed: {os.strerror(-res)}; restoring never "
+                                       "grants more than the caller has")
+
+    # -- threads -----------------------------------------------------------------
+
+    def _thread_state(self, r: Injector, core) -> None:
+        """Per-thread kernel state that syscalls in the thread itself set."""
+        r.call("set_robust_list", core.robust_list, core.robust_list_len or 24)
+        r.call("set_tid_address", core.clear_child_tid)
+        ss = core.sigaltstack
+        if not ss.ss_flags & SS_DISABLE and ss.ss_size:
+            r.write(r.scratch, struct.pack("<QiiQ", ss.ss_sp, ss.ss_flags & ~1, 0, ss.ss_size))
+            r.call("sigaltstack", r.scratch, 0)
+        r.write(r.scratch, core.comm.encode()[:15] + b"\0")
+        r.call("prctl", PR_SET_NAME, r.scratch)
+        if core.rseq.rseq_abi_pointer:
+            r.call("rseq", core.rseq.rseq_abi_pointer, core.rseq.rseq_abi_size, 0,
+                   core.rseq.signature)
+
+    def _final_state(self, core):
+        regs = pt.user_regs_struct.from_buffer_copy(core.gpregs)
+        restart_fixup(regs, self.restart_block)
+        return regs, core.xstate, core.sigmask
+
+    def _new_thread(self, r: Injector, core) -> None:
+        tids = (ctypes.c_int32 * 1)(core.tid)
+        args = clone_args(flags=THREAD_FLAGS, child_tid=core.clear_child_tid,
+                          exit_signal=0, set_tid_size=1)
+        base = r.scratch
+        args.set_tid = base + 512
+        r.write(base + 512, bytes(tids))
+        r.write(base, bytes(args))
+        tid = r.call("clone3", base, ctypes.sizeof(args))
+        if tid != core.tid:
+            raise RestoreError(f"clone3 gave TID {tid}, wanted {core.tid}")
+        self.proc.threads[tid] = FrozenThread(tid)  # auto-attached (TRACECLONE)
+        self.proc._await_interrupt_stop(tid)
+        with Injector(self.proc, tid) as rc:
+            self._thread_state(rc, core)
+            rc.install_on_exit(*self._final_state(core))
+
+    def _pending_signals(self, r: Injector, cores: dict) -> None:
+        shared = self.rec["signals"].shared_pending_siginfo
+        for i in range(0, len(shared), pt.SIGINFO_SIZE):
+            info = shared[i:i + pt.SIGINFO_SIZE]
+            sig = struct.unpack_from("<i", info)[0]
+            r.write(r.scratch, info)
+            r.call("rt_sigqueueinfo", self.pid, sig, r.scratch)
+        for tid, core in cores.items():
+            data = core.pending_siginfo
+            for i in range(0, len(data), pt.SIGINFO_SIZE):
+                info = data[i:i + pt.SIGINFO_SIZE]
+                sig = struct.unpack_from("<i", info)[0]
+                r.write(r.scratch, info)
+                r.call("rt_tgsigqueueinfo", self.pid, tid, sig, r.scratch)
+
+
+def _load(images_dir: str):
+    chain = open_chain(images_dir, verify_frames=True)
+    try:
+        if chain.top.kind != KIND_DUMP:
+            raise ImageError("the chain ends with a pre-dump: there is no complete state to "
+                             "restore (run `checkpoint dump` first)", path=chain.top.path)
+        rec: dict = {"core": []}
+        for kind, msg in chain.records():
+            if kind == "core":
+                rec["core"].append(msg)
+            elif kind in ("pstree", "mm", "files", "signals", "process"):
+                rec[kind] = msg
+        missing = {"pstree", "mm", "files", "signals", "process"} - set(rec)
+        if missing or not rec["core"]:
+            raise ImageError(f"the final layer lacks records: {sorted(missing) or ['core']}",
+                             path=chain.top.path)
+    except BaseException:
+        chain.close()
+        raise
+    return chain, rec
+
+
+def restore(images_dir: str | os.PathLike, *, detach: bool = True, new_pids: bool = False,
+            inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
+            restart_block: str = "eintr") -> Restored:
+    """Restore the process in ``images_dir``; returns once it runs.
+
+    ``inherit`` maps a dumped fd key (its link, e.g. "pipe:[1234]" or
+    "/dev/pts/3") to an fd of this engine that the restored process gets in
+    its place (CRIU's --inherit-fd). ``inherit_stdio``: fds 0-2 that were
+    pipes or terminals become this engine's own 0-2.
+    """
+    t0 = time.perf_counter()
+    images_dir = os.fspath(images_dir)
+    chain, rec = _load(images_dir)
+    try:
+        check_images(rec["process"], rec["mm"])
+        tree = rec["pstree"]
+        if new_pids and len(tree.threads) > 1:
+            raise UsageError("--new-pids only for single-threaded processes: glibc caches "
+                             "thread IDs (pthread_kill, robust mutexes would break)")
+        inherit = dict(inherit or {})
+        pass_fds = tuple(sorted(set(inherit.values())))
+        keys = {}
+        if inherit_stdio:
+            for fd in rec["files"].fds:
+                if fd.fd in (0, 1, 2) and fd.path not in inherit and \
+                        (fd.path.startswith("pipe:") or fd.path.startswith("/dev/pts/")
+                         or fd.path.startswith("/dev/tty") or fd.type == 0):
+                    keys[fd.path] = fd.fd
+        pid = _spawn_placeholder(None if new_pids else tree.pid, pass_fds)
+        try:
+            proc = freeze_process(pid)
+            try:
+                # the restored process sees inherited fds at the numbers the
+                # placeholder holds them (its own 0-2, or the passed ones)
+                placeholder_inherit = {**keys, **inherit}
+                b = _Builder(chain, rec, proc, placeholder_inherit, restart_block)
+                b._what = "start"
+                try:
+                    b.run()
+                except (OSError, InjectionError, CheckpointError) as exc:
+                    if isinstance(exc, RestoreError):
+                        raise
+                    raise RestoreError(f"restoring {b._what} failed: {exc}") from None
+            except BaseException:
+                proc.thaw()
+                raise
+            proc.thaw()
+        except BaseException:
+            _kill_reap(pid)
+            raise
+    finally:
+        chain.close()
+    ms = (time.perf_counter() - t0) * 1e3
+    return Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers))
+
