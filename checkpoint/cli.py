@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "checkpoint.commands.check",
     "checkpoint.commands.images",
     "checkpoint.commands.dump",
+    "checkpoint.commands.restore",
 ]
 
 

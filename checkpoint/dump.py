@@ -73,7 +73,7 @@ class Checkpointer:
     def __init__(self, pid: int, images_dir: str | os.PathLike, *, track: str = "auto",
                  compress_level: int = 1, threads: int = 1, max_pages: int = 0,
                  external_fds: bool = False, progress: bool | None = None,
-                 freeze_timeout: float = 5.0):
+                 freeze_timeout: float = 5.0, on_frozen=None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         self.pid = pid
@@ -85,6 +85,9 @@ class Checkpointer:
         self.external_fds = external_fds
         self.progress = progress
         self.freeze_timeout = freeze_timeout
+        #: called as on_frozen(frozen_process) inside every freeze, after the
+        #: dirty set was taken (an orchestrator's hook, like CRIU's action scripts)
+        self.on_frozen = on_frozen
         self.tracker: Tracker | None = None
         self._tracker_from: str = ""
         self._prepare_dir()
@@ -163,6 +166,8 @@ class Checkpointer:
                 regions = _collect(tracker, self.pid, vmas)
                 if not final:  # a final dump ends the chain: nothing to arm for
                     tracker.arm(self.pid, vmas)
+                if self.on_frozen is not None:
+                    self.on_frozen(proc)
                 records["tracker"] = tracking_pb2.TrackerStateEntry(
                     pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
                     full_reason=full_reason)

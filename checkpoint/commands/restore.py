@@ -1,0 +1,77 @@
+"""`checkpoint restore` (CRIU's verb and options)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+
+from ..errors import UsageError
+from ..restore import restore
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("restore", help="restore a process from its images",
+                       description="Replay the layer chain into a new process that goes on "
+                                   "where the dumped one stopped, with its original PID.")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    p.add_argument("-d", "--restore-detached", action="store_true",
+                   help="print the restored PID and leave it running (default: stay its "
+                        "parent, forward signals, exit with its exit status)")
+    p.add_argument("--pidfile", metavar="FILE", help="write the restored PID to FILE")
+    p.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:KEY",
+                   help="give the restored process this engine's fd N in place of the "
+                        "dumped fd whose link was KEY (e.g. fd[3]:pipe:[1234])")
+    p.add_argument("--no-inherit-stdio", action="store_true",
+                   help="do not hand this engine's stdin/stdout/stderr to the restored "
+                        "process in place of dumped pipes and terminals on fds 0-2")
+    p.add_argument("--new-pids", action="store_true",
+                   help="let the kernel pick the PID (single-threaded processes only)")
+    p.add_argument("--restart-block", choices=["eintr", "reissue"], default="eintr",
+                   help="a sleep interrupted by the dump returns EINTR (as CRIU) or is "
+                        "issued again")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def parse_inherit(specs: list[str]) -> dict[str, int]:
+    out = {}
+    for spec in specs:
+        m = re.fullmatch(r"fd\[(\d+)\]:(.+)", spec)
+        if not m:
+            raise UsageError(f"--inherit-fd {spec!r}: expected fd[N]:KEY")
+        fd = int(m.group(1))
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise UsageError(f"--inherit-fd {spec!r}: fd {fd} is not open") from None
+        out[m.group(2)] = fd
+    return out
+
+
+def run(args) -> int:
+    r = restore(args.images_dir, inherit=parse_inherit(args.inherit_fd),
+                inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
+                restart_block=args.restart_block)
+    if args.pidfile:
+        tmp = f"{args.pidfile}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{r.pid}\n")
+        os.replace(tmp, args.pidfile)
+    if args.json:
+        from ..cli import emit_json
+        emit_json(r.as_json())
+    elif args.restore_detached:
+        print(r.pid)
+    sys.stdout.flush()
+    if args.restore_detached:
+        return 0
+    # stay the parent: forward signals, exit with the restored process's status
+    for s in FORWARDED:
+        signal.signal(s, lambda sig, _f, pid=r.pid: os.kill(pid, sig))
+    code = r.wait()
+    return code if code >= 0 else 128 - code
