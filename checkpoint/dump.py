@@ -127,6 +127,7 @@ class Checkpointer:
                     if m.pid == self.pid:
                         saved = m
         if self.tracker is not None and self.tracker.name == tracker_cls.name:
+            self.tracker.max_pages = self.max_pages
             return  # same engine, next round: keep the live tracker
         if saved is not None and saved.tracker == tracker_cls.name:
             self.tracker = tracker_cls.from_state(saved.state)
@@ -134,6 +135,7 @@ class Checkpointer:
             self.tracker = tracker_cls()
             if saved is not None:
                 self.tracker.reset(f"tracker changed from {saved.tracker} to {tracker_cls.name}")
+        self.tracker.max_pages = self.max_pages
 
     # -- rounds ---------------------------------------------------------------
 

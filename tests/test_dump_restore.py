@@ -205,10 +205,11 @@ def test_dump_leave_running_and_layer_content_matches_memory(rt):
         assert mismatches == 0
 
 
-def test_incremental_layer_holds_only_written_pages(rt):
+@pytest.mark.parametrize("max_pages", [0, 5])
+def test_incremental_layer_holds_only_written_pages(rt, max_pages):
     p, ch, tmp = rt
     images = tmp / "img"
-    with Checkpointer(p.pid, images) as ck:
+    with Checkpointer(p.pid, images, max_pages=max_pages) as ck:
         ck.pre_dump()
         ck.pre_dump()  # settle what the program writes by itself
         for n in range(100, 140):

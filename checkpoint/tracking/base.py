@@ -121,6 +121,7 @@ class Tracker(ABC):
 
     def __init__(self, *, vec_len: int = 1024):
         self.vec_len = vec_len
+        self.max_pages = 0  # PAGEMAP_SCAN page budget per call (--max-pages)
         self._reason: str | None = "first round"
         self._mm: bytes | None = None
         self._vmas: set[tuple] = set()  # vma_key of the VMAs seen at the last arm
@@ -204,7 +205,7 @@ class FullTracker(Tracker):
         return "full tracker: every layer is full"
 
     def collect(self, pid: int, vmas: Iterable[Vma]) -> Iterator[DirtyBatch]:
-        with PagemapScanner(pid, self.vec_len) as scanner:
+        with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
             for vma in vmas:
                 if trackable(vma):
                     yield from self._content(scanner, vma)

@@ -85,7 +85,7 @@ class HashTracker(Tracker):
                 raise NoSuchProcess(f"process {pid} does not exist", pid) from None
             raise
         try:
-            with PagemapScanner(pid, self.vec_len) as scanner:
+            with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
                 for vma in vmas:
                     self._digest_vma(scanner, memfd, vma, new)
         finally:

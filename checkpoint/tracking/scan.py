@@ -133,13 +133,15 @@ class PagemapScanner:
     ``with PagemapScanner(pid, vec_len=1024) as s: for batch in s.scan(a, b, ...)``
     """
 
-    def __init__(self, pid: int, vec_len: int = DEFAULT_VEC_LEN, *, probe: bool = True):
+    def __init__(self, pid: int, vec_len: int = DEFAULT_VEC_LEN, *, probe: bool = True,
+                 max_pages: int = 0):
         if vec_len < 1:
             raise ValueError("vec_len must be >= 1")
         if probe:
             probe_pagemap_scan()
         self.pid = pid
         self.vec_len = vec_len
+        self.max_pages = max_pages  # default page budget per ioctl call (0: none)
         self._vec = (page_region * vec_len)()
         self._flat = memoryview(self._vec).cast("B").cast("Q")
         self._arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg),
@@ -186,7 +188,7 @@ class PagemapScanner:
     def scan(self, start: int, end: int, *, category_mask: int = 0,
              category_anyof_mask: int = 0, category_inverted: int = 0,
              return_mask: int = PRESENT_RETURN, flags: int = 0,
-             max_pages: int = 0) -> Iterator[memoryview]:
+             max_pages: int | None = None) -> Iterator[memoryview]:
         """Yield batches over ``[start, end)`` until the range is done.
 
         ``max_pages`` is the per-call page budget (0: none); pagination resumes
@@ -198,6 +200,8 @@ class PagemapScanner:
                              "scan uffd-wp registered ranges with WP_MATCHING alone")
         if start >= end:
             return
+        if max_pages is None:
+            max_pages = self.max_pages
         arg, flat, vec_len = self._arg, self._flat, self.vec_len
         arg.flags = flags
         arg.max_pages = max_pages
@@ -255,7 +259,8 @@ class PagemapScanner:
         return self.scan(start, end, category_mask=PAGE_IS_WRITTEN,
                          return_mask=kw.pop("return_mask", PAGE_IS_WRITTEN), **kw)
 
-    def wp_get_and_clear(self, start: int, end: int, *, max_pages: int = 0) -> Iterator[memoryview]:
+    def wp_get_and_clear(self, start: int, end: int, *,
+                         max_pages: int | None = None) -> Iterator[memoryview]:
         """Atomically report the pages written since the last call and
         write-protect them again (uffd-wp async tracking).
 

@@ -97,7 +97,7 @@ class SoftDirtyTracker(Tracker):
         vmas = [v for v in vmas if trackable(v)]
         full = self.full_reason(pid) is not None
         if self.use_ioctl:
-            with PagemapScanner(pid, self.vec_len) as scanner:
+            with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
                 for vma in vmas:
                     if full or vma.shared or self.is_new(vma):
                         yield from self._content(scanner, vma)

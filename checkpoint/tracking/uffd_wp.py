@@ -138,7 +138,7 @@ class UffdWpTracker(Tracker):
 
     def collect(self, pid: int, vmas: Iterable[Vma]) -> Iterator[DirtyBatch]:
         full = self.full_reason(pid) is not None
-        with PagemapScanner(pid, self.vec_len) as scanner:
+        with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
             for vma in vmas:
                 if not trackable(vma):
                     continue
@@ -180,7 +180,7 @@ class UffdWpTracker(Tracker):
         with Injector(self.proc, _injectable_tid(self.proc)) as remote:
             if full or self._check_parked(pid) is not None:
                 self._create(remote)
-            with PagemapScanner(pid, self.vec_len) as scanner:
+            with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
                 todo = [v for v in vmas
                         if full or self.is_new(v) or not self._registered(scanner, v)]
                 self._unregisterable = {k: w for k, w in self._unregisterable.items()
