@@ -13,9 +13,19 @@ from .errors import (  # noqa: F401
     KernelFeatureError,
     NoSuchProcess,
     PermissionDenied,
+    RestoreError,
     TargetError,
     TargetExited,
+    UnsupportedObject,
     UsageError,
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the library API, imported on first use so `checkpoint check` stays light
+    if name in ("Checkpointer", "DumpStats", "Restored", "restore", "check"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'checkpoint' has no attribute {name!r}")

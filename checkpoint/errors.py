@@ -78,6 +78,20 @@ class ImageError(CheckpointError):
         self.offset = offset
 
 
+class UnsupportedObject(CheckpointError):
+    """The target holds an object this engine cannot dump (yet): the message
+    names it (fd, kind) and the option that would let the dump go on."""
+
+    exit_code = 6
+
+
+class RestoreError(CheckpointError):
+    """A restore step failed; the message names the object and why. Nothing
+    half-restored is left behind."""
+
+    exit_code = 7
+
+
 class Interrupted(CheckpointError):
     """The engine was asked to stop (SIGINT/SIGTERM); targets were released."""
 

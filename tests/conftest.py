@@ -88,10 +88,11 @@ class Target:
             # still traced by a stuck engine thread: reap directly
             os.waitpid(self.pid, 0)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
 
 @pytest.fixture

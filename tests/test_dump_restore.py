@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from checkpoint.dump import Checkpointer
+from checkpoint.dumper import Checkpointer
 from checkpoint.errors import CheckpointError, ImageError, TargetExited
 from checkpoint.images import open_chain
 from checkpoint.kernel import procfs
-from checkpoint.restore import RestoreError, restore
+from checkpoint.restorer import RestoreError, restore
 from conftest import build_target, proc_state, tracer_of
 
 PS = procfs.PAGE_SIZE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..dump import Checkpointer
+from ..dumper import Checkpointer
 
 
 def _common(p) -> None:

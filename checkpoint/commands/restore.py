@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ..errors import UsageError
-from ..restore import restore
+from ..restorer import restore
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)

@@ -33,7 +33,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .errors import CheckpointError, ImageError, InjectionError, UsageError
+from .errors import CheckpointError, ImageError, InjectionError, RestoreError, UsageError
 from .freezer import FrozenProcess, FrozenThread, _task_state, freeze_process
 from .images import open_chain
 from .images.format import KIND_DUMP
@@ -60,30 +60,45 @@ SS_DISABLE = 2
 PLACEHOLDER = ["sleep", "infinity"]
 
 
-class RestoreError(CheckpointError):
-    """A restore step failed; the message names the object and why."""
-
-    exit_code = 7
-
-
 @dataclass
 class Restored:
-    """A restored process. ``pid`` is its PID; the engine is its parent."""
+    """A restored process. ``pid`` is its PID; the engine is its parent.
+
+    With ``detach`` a background thread reaps it when it exits (no zombie
+    is left while the caller goes on); ``wait()`` returns the status either
+    way: the exit code, or minus the signal number that killed it."""
 
     pid: int
     restore_ms: float
     pages_restored: int
     layers: int
-    _popen: object = None
+    detached: bool = False
+    _status: int | None = None
+    _reaper: object = None
+
+    def _start_reaper(self) -> None:
+        import threading
+
+        def reap():
+            _, status = os.waitpid(self.pid, 0)
+            self._status = os.waitstatus_to_exitcode(status)
+        self._reaper = threading.Thread(target=reap, name=f"reap-{self.pid}", daemon=True)
+        self._reaper.start()
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for the restored process; returns its exit status like
-        subprocess (negative signal number when killed)."""
+        if self._reaper is not None:
+            self._reaper.join(timeout)
+            if self._reaper.is_alive():
+                raise TimeoutError(f"restored process {self.pid} still running")
+            return self._status
+        if self._status is not None:
+            return self._status
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
             if pid == self.pid:
-                return os.waitstatus_to_exitcode(status)
+                self._status = os.waitstatus_to_exitcode(status)
+                return self._status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"restored process {self.pid} still running")
             time.sleep(0.01)
@@ -501,11 +516,13 @@ def _load(images_dir: str):
     return chain, rec
 
 
-def restore(images_dir: str | os.PathLike, *, detach: bool = True, new_pids: bool = False,
+def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
             restart_block: str = "eintr") -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
+    ``detach``: reap the process in the background when it exits (else the
+    caller must ``wait()`` for it, as for any child).
     ``inherit`` maps a dumped fd key (its link, e.g. "pipe:[1234]" or
     "/dev/pts/3") to an fd of this engine that the restored process gets in
     its place (CRIU's --inherit-fd). ``inherit_stdio``: fds 0-2 that were
@@ -554,5 +571,9 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = True, new_pids: boo
     finally:
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3
-    return Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers))
+    r = Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers),
+                 detached=detach)
+    if detach:
+        r._start_reaper()
+    return r
 

@@ -1,0 +1,782 @@
+"""Open files: the fd table, cwd, root and umask of a process, dumped and restored.
+
+The room for every fd that lives in the VFS (CRIU's files-reg.c, pipes.c,
+fifo.c, tty.c and memfd.c in one place):
+
+    kind                  dump                                  restore
+    regular file, dir     path, offset, flags, identity         openat + identity check + lseek
+    deleted file          + content (capped)                    "ghost": temp file, open, unlink
+    memfd                 name, content (capped), seals         memfd_create + fill + F_ADD_SEALS
+    pipe, FIFO            unread data via tee(2), pipe size      pipe2 / open, fill, F_SETPIPE_SZ
+    /dev/null & co.       path                                  reopen
+    tty, pty              path, pty index                       inherit, keep placeholder's, new pair, reopen
+    socket, anon inode    UnsupportedObject, or "external"      only through ``inherit``
+
+Details that FdEntry has no field for yet are serialised into ``FdEntry.extra``
+(see :func:`pack_extra`): a JSON object, then, for ghost files and memfds, a
+NUL byte and the content.
+
+Several fds of the process that share one open file description (dup, fork)
+are found with kcmp(KCMP_FILE) at dump and restored with dup3, so they keep
+sharing offset and flags. Several descriptions of one inode that must stay one
+object (a deleted file, a memfd, the same end of a pipe) are reopened from the
+first through /proc/self/fd/N in the target.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import stat
+import struct
+import tempfile
+import termios
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ..errors import (CheckpointError, InjectionError, KernelFeatureError, RestoreError,
+                      UnsupportedObject)
+from ..freezer import FrozenProcess
+from ..images.pb import files_pb2
+from ..inject import Injector
+from ..kernel import procfs
+from ..kernel.syscalls import NR, libc, pidfd_getfd, pidfd_open, raw_syscall
+
+
+FdEntry = files_pb2.FdEntry
+FilesEntry = files_pb2.FilesEntry
+
+MAX_CONTENT = 64 << 20  # deleted files, memfds and pipe buffers saved in the image
+MOVE_MARGIN = 16  # placeholder fds are moved above max(image fds) + this
+
+# <asm-generic/fcntl.h>, <linux/fcntl.h>
+F_DUPFD_CLOEXEC = 1030
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+F_SEAL_SEAL = 0x0001
+AT_FDCWD = -100
+# <linux/memfd.h>
+MFD_CLOEXEC = 0x0001
+MFD_ALLOW_SEALING = 0x0002
+# <asm-generic/ioctls.h>
+TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int)
+TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int)
+TIOCGPTPEER = 0x5441  # _IO('T', 0x41)
+# <linux/kcmp.h>
+KCMP_FILE = 0
+# <linux/splice.h>
+SPLICE_F_NONBLOCK = 0x02
+
+OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC  # never replayed
+SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME  # what F_SETFL may change for us
+MEM_MAJOR = 1  # /dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom (drivers/char/mem.c)
+
+_tee = libc.tee
+_tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+_tee.restype = ctypes.c_ssize_t
+
+
+# --------------------------------------------------------------------------
+# FdEntry.extra: JSON details, then NUL + content for ghosts and memfds
+
+
+def pack_extra(meta: dict, blob: bytes = b"") -> bytes:
+    """``extra`` of an FdEntry: JSON (never holds a raw NUL), then NUL + blob."""
+    head = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if meta else b""
+    return head + b"\0" + blob if blob else head
+
+
+def unpack_extra(raw: bytes) -> tuple[dict, bytes]:
+    head, sep, blob = bytes(raw).partition(b"\0")
+    return (json.loads(head) if head else {}), blob
+
+
+def fd_keys(e: FdEntry) -> tuple[str, str]:
+    """The keys ``inherit`` may name this fd by: "fdN" first, then its link."""
+    return f"fd{e.fd}", e.path
+
+
+# --------------------------------------------------------------------------
+# dump
+
+_KIND_NAMES = {
+    "socket": ("a socket", "sockets"),
+    "eventfd": ("an eventfd", "eventfds"),
+    "eventpoll": ("an epoll instance", "epoll instances"),
+    "signalfd": ("a signalfd", "signalfds"),
+    "timerfd": ("a timerfd", "timerfds"),
+    "io_uring": ("an io_uring instance", "io_uring instances"),
+    "inotify": ("an inotify instance", "inotify instances"),
+    "fanotify": ("a fanotify instance", "fanotify instances"),
+    "pidfd": ("a pidfd", "pidfds"),
+    "userfaultfd": ("a userfaultfd", "userfaultfds"),
+    "chardev": ("a character device", "character devices other than ttys and /dev/null & co."),
+    "other": ("a special file", "such files"),
+}
+
+
+@dataclass
+class _DumpCtx:
+    pid: int
+    max_content: int
+    pidfd: int = -1
+    kcmp_ok: bool = True
+    by_inode: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    first_of_inode: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def fd_path(self, fd: int) -> str:
+        return f"/proc/{self.pid}/fd/{fd}"
+
+    def same_description(self, a: int, b: int) -> bool:
+        if not self.kcmp_ok:
+            return False
+        try:
+            return raw_syscall(NR["kcmp"], self.pid, self.pid, KCMP_FILE, a, b) == 0
+        except OSError as exc:
+            if exc.errno in (errno.ENOSYS, errno.EPERM):
+                self.kcmp_ok = False  # no CONFIG_KCMP: every fd is its own description
+                return False
+            raise
+
+    def getfd(self, fd: int) -> int:
+        """Our own copy of the target's fd (the same open file description)."""
+        if self.pidfd < 0:
+            self.pidfd = pidfd_open(self.pid)
+        return pidfd_getfd(self.pidfd, fd)
+
+
+def dump_files(proc: FrozenProcess, *, external: bool = False,
+               exclude_fds: Iterable[int] = frozenset(),
+               max_content: int = MAX_CONTENT) -> FilesEntry:
+    """The fd table, cwd, root and umask of the frozen process ``proc``.
+
+    Nothing of the target's state changes: pipe contents are copied with
+    tee(2), never read. Sockets and anonymous inodes raise UnsupportedObject,
+    or with ``external`` are recorded as FD_UNKNOWN entries that the restore
+    must get through ``inherit``. ``exclude_fds`` are the engine's own fds
+    parked in the target."""
+    pid = proc.pid
+    exclude = set(exclude_fds)
+    entry = FilesEntry(pid=pid)
+    entry.cwd = _readlink_proc(pid, "cwd")
+    entry.root = _readlink_proc(pid, "root")
+    if entry.cwd.endswith(" (deleted)"):
+        raise UnsupportedObject(f"the working directory of process {pid} was deleted"
+                                f" ({entry.cwd}); restoring it is not supported")
+    umask = procfs.read_status(pid).umask
+    if umask is None:
+        raise KernelFeatureError("/proc/PID/status has no Umask line (Linux < 4.7)")
+    entry.umask = umask
+    ctx = _DumpCtx(pid, max_content)
+    try:
+        for info in procfs.read_fds(pid):
+            if info.fd not in exclude:
+                entry.fds.append(_dump_fd(ctx, info, external))
+    finally:
+        if ctx.pidfd >= 0:
+            os.close(ctx.pidfd)
+    return entry
+
+
+def _readlink_proc(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except OSError as exc:
+        raise procfs._proc_open_error(exc, pid, f"/proc/{pid}/{name}") from None
+
+
+def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
+    fd, link = info.fd, info.target
+    e = FdEntry(fd=fd, flags=info.flags, cloexec=bool(info.flags & os.O_CLOEXEC),
+                pos=info.pos, path=link)
+    try:
+        st = os.stat(ctx.fd_path(fd))
+    except OSError as exc:
+        raise procfs._proc_open_error(exc, ctx.pid, ctx.fd_path(fd)) from None
+    e.dev, e.inode, e.file_size, e.file_mtime_ns, e.mode = (
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    meta: dict = {}
+    key = (st.st_dev, st.st_ino)
+    for other in ctx.by_inode.get(key, ()):
+        if ctx.same_description(other, fd):
+            meta["dup_of"] = other
+            break
+    ctx.by_inode.setdefault(key, []).append(fd)
+    first = ctx.first_of_inode.setdefault(key, fd)
+    if first != fd and "dup_of" not in meta:
+        meta["same_inode_as"] = first
+    carries_data = first == fd  # one copy of the content per inode
+
+    kind = _kind(link)
+    blob = b""
+    if kind not in ("pipe", "memfd", "file"):
+        return _unsupported(e, meta, kind, external)
+    if info.flags & os.O_PATH:
+        e.type = files_pb2.FD_DIR if stat.S_ISDIR(st.st_mode) else files_pb2.FD_REG
+    elif kind == "pipe" or stat.S_ISFIFO(st.st_mode):
+        e.type = files_pb2.FD_PIPE if kind == "pipe" else files_pb2.FD_FIFO
+        e.pipe_id = st.st_ino
+        data, meta["pipe_size"] = _peek_pipe(ctx, fd, link, carries_data)
+        e.pipe_data = data
+    elif kind == "memfd":
+        e.type = files_pb2.FD_MEMFD
+        meta["name"] = _memfd_name(link)
+        if carries_data:
+            blob, meta["seals"] = _read_content(ctx, fd, link, st.st_size, "memfd", seals=True)
+    elif stat.S_ISREG(st.st_mode):
+        e.type = files_pb2.FD_REG
+        if st.st_nlink == 0 and link.endswith(" (deleted)"):
+            meta["ghost"] = True
+            if carries_data:
+                blob, _ = _read_content(ctx, fd, link, st.st_size, "deleted file")
+    elif stat.S_ISDIR(st.st_mode):
+        e.type = files_pb2.FD_DIR
+    elif stat.S_ISBLK(st.st_mode):
+        e.type = files_pb2.FD_REG
+    elif stat.S_ISCHR(st.st_mode):
+        if os.major(st.st_rdev) == MEM_MAJOR:
+            e.type = files_pb2.FD_DEVNULL
+        else:
+            pty = _tty_details(ctx, fd)
+            if pty is None:
+                return _unsupported(e, meta, "chardev", external)
+            e.type = files_pb2.FD_TTY
+            meta.update(pty)
+    else:
+        return _unsupported(e, meta, "other", external)
+    if meta or blob:
+        e.extra = pack_extra(meta, blob)
+    return e
+
+
+def _kind(link: str) -> str:
+    """"file" for a path, else what the link names: "pipe", "socket", "memfd",
+    "eventfd" (anon_inode:[eventfd]), "pidfd" (pidfd:[N]), "net" (net:[N])..."""
+    if link.startswith("/memfd:"):
+        return "memfd"
+    if link.startswith("/"):
+        return "file"
+    if link.startswith("anon_inode:"):
+        return link[len("anon_inode:"):].strip("[]") or "anon_inode"
+    return link.split(":", 1)[0] or "other"
+
+
+def _unsupported(e: FdEntry, meta: dict, kind: str, external: bool) -> FdEntry:
+    one, many = _KIND_NAMES.get(kind, (f"an anonymous inode ({kind})", f"{kind} fds"))
+    if not external:
+        raise UnsupportedObject(
+            f"fd {e.fd} is {one} ({e.path}): {many} are not supported yet; pass"
+            " --external-fds to leave it to the restore side (--inherit-fd)")
+    e.type = files_pb2.FD_UNKNOWN
+    meta.update(external=True, kind=kind)
+    e.extra = pack_extra(meta)
+    return e
+
+
+def _memfd_name(link: str) -> str:
+    name = link[len("/memfd:"):]
+    return name[:-len(" (deleted)")] if name.endswith(" (deleted)") else name
+
+
+def _read_content(ctx: _DumpCtx, fd: int, link: str, size: int, what: str,
+                  seals: bool = False) -> tuple[bytes, int]:
+    if size > ctx.max_content:
+        raise UnsupportedObject(
+            f"fd {fd} is a {what} ({link}) of {size} bytes, more than the"
+            f" {ctx.max_content} bytes a {what} may put in the image")
+    rfd = os.open(ctx.fd_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(size)
+        got = os.preadv(rfd, [buf], 0) if size else 0
+        s = fcntl.fcntl(rfd, F_GET_SEALS) if seals else 0
+    finally:
+        os.close(rfd)
+    return bytes(buf[:got]), s
+
+
+def _peek_pipe(ctx: _DumpCtx, fd: int, link: str, want_data: bool) -> tuple[bytes, int]:
+    """Unread content and size of the pipe behind ``fd`` without consuming it:
+    a read end of our own (opening /proc/PID/fd/N of a pipe or FIFO joins
+    the same pipe) is tee(2)'d into a private pipe of the same capacity."""
+    rfd = os.open(ctx.fd_path(fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(rfd, F_GETPIPE_SZ)
+        if not want_data:
+            return b"", size
+        n = _unread(rfd)
+        if n == 0:
+            return b"", size
+        if n > ctx.max_content:
+            raise UnsupportedObject(f"fd {fd} ({link}) holds {n} unread bytes, more than"
+                                    f" the {ctx.max_content} bytes a pipe may put in the image")
+        pr, pw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if fcntl.fcntl(pw, F_GETPIPE_SZ) < size:
+                fcntl.fcntl(pw, F_SETPIPE_SZ, size)  # same number of slots as the source
+            got = _tee(rfd, pw, n, SPLICE_F_NONBLOCK)
+            if got < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"tee from {link}: {os.strerror(err)}")
+            if got != n:
+                raise CheckpointError(f"fd {fd} ({link}): tee copied {got} of {n} unread bytes")
+            data = bytearray()
+            while len(data) < n:
+                data += os.read(pr, n - len(data))
+        finally:
+            os.close(pr)
+            os.close(pw)
+    finally:
+        os.close(rfd)
+    return bytes(data), size
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe behind ``fd`` (either end)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _tty_details(ctx: _DumpCtx, fd: int) -> dict | None:
+    """{"pty_master": bool, "pty_index": N} for a tty, None for another char device."""
+    own = ctx.getfd(fd)
+    try:
+        if not os.isatty(own):
+            return None
+        try:
+            idx = struct.unpack("I", fcntl.ioctl(own, TIOCGPTN, b"\0" * 4))[0]
+            return {"pty_master": True, "pty_index": idx}
+        except OSError:
+            pass  # not a pty master
+    finally:
+        os.close(own)
+    link = os.readlink(ctx.fd_path(fd))
+    if link.startswith("/dev/pts/") and link[len("/dev/pts/"):].isdigit():
+        return {"pty_index": int(link[len("/dev/pts/"):])}
+    return {}
+
+
+# --------------------------------------------------------------------------
+# restore
+
+
+def restore_files(remote: Injector, entry: FilesEntry, *,
+                  inherit: dict[str, int] | None = None, ghost_dir: str = "/tmp",
+                  keep: Iterable[int] = ()) -> None:
+    """Give the frozen placeholder behind ``remote`` the fd table, cwd, root and
+    umask of ``entry``.
+
+    ``inherit`` maps a key ("fdN", or a saved link such as "/dev/pts/3",
+    "pipe:[1234]", "socket:[99]") to an fd already open in the placeholder
+    that stands in for the dumped one (CRIU's --inherit-fd). ``keep`` are
+    placeholder fds left open and untouched (they must not collide with the
+    image). Every other placeholder fd is closed at the end. Deleted files
+    are rebuilt as temp files in ``ghost_dir`` and unlinked once opened."""
+    _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep)).run()
+
+
+@dataclass
+class _Item:
+    e: FdEntry
+    meta: dict
+    blob: bytes
+
+    @property
+    def fd(self) -> int:
+        return self.e.fd
+
+
+class _Restorer:
+    def __init__(self, remote: Injector, entry: FilesEntry, inherit: dict[str, int],
+                 ghost_dir: str, keep: set[int]):
+        self.r = remote
+        self.pid = remote.proc.pid
+        self.entry = entry
+        self.inherit = inherit
+        self.ghost_dir = ghost_dir
+        self.keep = keep
+        self.items = [_Item(e, *unpack_extra(e.extra)) for e in entry.fds]
+        self.by_fd = {it.fd: it for it in self.items}
+        self.needed = set(self.by_fd)
+        self.base = max(self.needed | keep | {0}) + MOVE_MARGIN
+        self.moved: dict[int, int] = {}  # placeholder fd -> where it was moved
+        self.placed: set[int] = set()
+        self.pty_new_index: dict[int, int] = {}  # dumped pty index -> restored master fd
+        self.original: set[int] = set()
+
+    # -- helpers -------------------------------------------------------------
+
+    def fail(self, it: _Item, what: str) -> RestoreError:
+        return RestoreError(f"fd {it.fd} ({it.e.path}): {what}")
+
+    def stage(self, text: str, it: _Item | None = None) -> int:
+        raw = text.encode("utf-8", "surrogateescape") + b"\0"
+        if len(raw) > procfs.PAGE_SIZE:
+            what = f"path of {len(raw) - 1} bytes is longer than {procfs.PAGE_SIZE - 1}"
+            raise self.fail(it, what) if it else RestoreError(f"{text[:80]}...: {what}")
+        self.r.write(self.r.scratch, raw)
+        return self.r.scratch
+
+    def call(self, name: str, *args: int, it: _Item | None = None) -> int:
+        try:
+            return self.r.call(name, *args)
+        except InjectionError as exc:
+            if it is None or exc.errno is None:
+                raise
+            raise self.fail(it, f"{name} failed in process {self.pid}:"
+                                f" {os.strerror(exc.errno)}") from None
+
+    def placeholder_fds(self) -> set[int]:
+        return {int(n) for n in os.listdir(f"/proc/{self.pid}/fd")}
+
+    def inherited_source(self, it: _Item) -> int | None:
+        for key in fd_keys(it.e):
+            if key in self.inherit:
+                src = self.inherit[key]
+                return self.moved.get(src, src)
+        return None
+
+    def fresh(self, tmp: int) -> int:
+        """A temporary fd that lives while other fds are made and placed (pipe
+        ends, the FIFO helper, a memfd being reopened) goes above ``base``
+        if it sits on a number the image needs, so no dup3 can land on it
+        (pitfall 20). A lone temporary needs no move: it is dup3'ed to its
+        number and closed before the next fd is made."""
+        if tmp < self.base and tmp in self.needed:
+            new = self.dupfd_high(tmp)
+            self.call("close", tmp)
+            return new
+        return tmp
+
+    def dupfd_high(self, fd: int) -> int:
+        res = self.r.syscall("fcntl", fd, F_DUPFD_CLOEXEC, self.base)
+        if res == -errno.EINVAL:  # base above RLIMIT_NOFILE: any free number above the image
+            res = self.r.syscall("fcntl", fd, F_DUPFD_CLOEXEC, max(self.needed | {0}) + 1)
+        if res < 0:
+            raise RestoreError(f"cannot move fd {fd} of placeholder {self.pid} above the"
+                               f" image's fds: {os.strerror(-res)}")
+        return res
+
+    def place(self, tmp: int, it: _Item, close_tmp: bool = True) -> None:
+        """Put the fd ``tmp`` at its dumped number with its dumped close-on-exec."""
+        e = it.e
+        if tmp == e.fd:
+            self.call("fcntl", tmp, fcntl.F_SETFD, fcntl.FD_CLOEXEC if e.cloexec else 0)
+        else:
+            self.call("dup3", tmp, e.fd, os.O_CLOEXEC if e.cloexec else 0)
+            if close_tmp:
+                self.call("close", tmp)
+        self.placed.add(e.fd)
+
+    def setfl(self, fd: int, it: _Item, current: int) -> None:
+        want = it.e.flags & SETFL_MASK
+        if want != current & SETFL_MASK:  # O_DIRECT kept as created (pipes refuse F_SETFL of it)
+            self.call("fcntl", fd, fcntl.F_SETFL, want | (current & os.O_DIRECT), it=it)
+
+    def openat(self, path: str, flags: int, it: _Item) -> int:
+        addr = self.stage(path, it)
+        res = self.r.syscall("openat", AT_FDCWD, addr, (flags & ~OPEN_ONLY) | os.O_CLOEXEC, 0)
+        if res < 0:
+            raise self.fail(it, f"cannot open {path} in process {self.pid}: {os.strerror(-res)}")
+        return res
+
+    def lseek(self, fd: int, it: _Item, strict: bool = True) -> None:
+        if it.e.pos and not it.e.flags & os.O_PATH:
+            res = self.r.syscall("lseek", fd, it.e.pos, os.SEEK_SET)
+            if res < 0 and strict:
+                raise self.fail(it, f"cannot seek to {it.e.pos}: {os.strerror(-res)}")
+
+    # -- the plan ------------------------------------------------------------
+
+    def run(self) -> None:
+        self.preflight()
+        self.make_room()
+        later: list[_Item] = []
+        dups: list[_Item] = []
+        done_pipes: set[tuple[int, int]] = set()
+        for it in sorted(self.items, key=lambda i: i.fd):
+            src = self.inherited_source(it)
+            if src is not None:
+                self.place(src, it, close_tmp=False)
+            elif "dup_of" in it.meta:
+                dups.append(it)
+            elif "same_inode_as" in it.meta or self.is_pty_peer(it):
+                later.append(it)
+            elif it.e.type in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):
+                key = (it.e.dev, it.e.pipe_id)
+                if key not in done_pipes:
+                    done_pipes.add(key)
+                    self.restore_pipe(it)
+            else:
+                self.restore_one(it)
+        later.sort(key=lambda i: (not i.meta.get("pty_master"), i.fd))  # masters, then peers
+        for it in later:
+            if it.fd not in self.placed:
+                self.restore_one(it)
+        for it in dups:
+            self.restore_dup(it)
+        self.restore_fs()
+        self.close_others()
+
+    def preflight(self) -> None:
+        """Refuse what cannot work before touching the placeholder."""
+        have = self.placeholder_fds()
+        self.original = have
+        for key, src in self.inherit.items():
+            if src not in have:
+                raise RestoreError(f"inherit: fd {src} given for {key!r} is not open in"
+                                   f" placeholder {self.pid}")
+        clash = self.keep & self.needed
+        if clash:
+            raise RestoreError(f"fds {sorted(clash)} of placeholder {self.pid} are to be kept"
+                               " but the image has fds with those numbers")
+        for it in self.items:
+            if self.inherited_source(it) is not None:
+                continue
+            if it.meta.get("external") and "dup_of" not in it.meta:
+                raise self.fail(it, "was left external at dump; give it with inherit"
+                                    f" (--inherit-fd fd[N]:{it.e.path} or fd{it.fd})")
+            if it.e.type in (files_pb2.FD_REG, files_pb2.FD_DIR, files_pb2.FD_FIFO) \
+                    and not it.meta.get("ghost") and "dup_of" not in it.meta:
+                self.stage_len_ok(it)
+                try:
+                    st = os.stat(it.e.path)
+                except OSError as exc:
+                    raise self.fail(it, f"cannot be reopened: {exc.strerror}") from None
+                self.check_identity(it, st)
+
+    def stage_len_ok(self, it: _Item) -> None:
+        if len(it.e.path.encode("utf-8", "surrogateescape")) >= procfs.PAGE_SIZE:
+            raise self.fail(it, f"path longer than {procfs.PAGE_SIZE - 1} bytes")
+
+    def check_identity(self, it: _Item, st: os.stat_result) -> None:
+        e = it.e
+        if (st.st_dev, st.st_ino) != (e.dev, e.inode):
+            raise self.fail(it, f"{e.path} is not the file that was dumped: dumped dev"
+                                f" {os.major(e.dev)}:{os.minor(e.dev)} inode {e.inode}, now"
+                                f" dev {os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+                                f" inode {st.st_ino}")
+        if stat.S_ISREG(st.st_mode) and st.st_size < e.pos:
+            raise self.fail(it, f"{e.path} shrank: {st.st_size} bytes now, less than the"
+                                f" saved offset {e.pos}")
+
+    def make_room(self) -> None:
+        """Move every placeholder fd sitting on a number the image needs."""
+        for fd in sorted(self.original & self.needed):
+            new = self.dupfd_high(fd)
+            self.call("close", fd)
+            self.moved[fd] = new
+
+    def is_pty_peer(self, it: _Item) -> bool:
+        idx = it.meta.get("pty_index")
+        return (it.e.type == files_pb2.FD_TTY and not it.meta.get("pty_master")
+                and idx is not None and any(o.meta.get("pty_master")
+                                            and o.meta.get("pty_index") == idx
+                                            for o in self.items))
+
+    # -- one kind each -------------------------------------------------------
+
+    def restore_one(self, it: _Item) -> None:
+        t = it.e.type
+        if "same_inode_as" in it.meta and t in (files_pb2.FD_REG, files_pb2.FD_MEMFD) \
+                and (it.meta.get("ghost") or t == files_pb2.FD_MEMFD):
+            return self.reopen_sibling(it)
+        if t == files_pb2.FD_REG and it.meta.get("ghost"):
+            return self.restore_ghost(it)
+        if t in (files_pb2.FD_REG, files_pb2.FD_DIR):
+            fd = self.openat(it.e.path, it.e.flags, it)
+            try:
+                self.check_identity(it, os.stat(f"/proc/{self.pid}/fd/{fd}"))
+            except RestoreError:
+                self.call("close", fd)
+                raise
+            self.lseek(fd, it, strict=t == files_pb2.FD_REG)
+            return self.place(fd, it)
+        if t == files_pb2.FD_MEMFD:
+            return self.restore_memfd(it)
+        if t == files_pb2.FD_DEVNULL:
+            return self.place(self.openat(it.e.path, it.e.flags, it), it)
+        if t == files_pb2.FD_TTY:
+            return self.restore_tty(it)
+        if t in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):  # a second end of a FIFO/pipe
+            return self.reopen_sibling(it)
+        raise self.fail(it, f"cannot restore fds of type {files_pb2.FdType.Name(t)}")
+
+    def reopen_sibling(self, it: _Item) -> None:
+        """Another open file description of an inode already restored."""
+        first = it.meta.get("same_inode_as")
+        if first is None or first not in self.placed:
+            raise self.fail(it, f"its inode was to be restored with fd {first}, which was not")
+        fd = self.openat(f"/proc/self/fd/{first}", it.e.flags, it)
+        self.lseek(fd, it)
+        self.place(fd, it)
+
+    def restore_dup(self, it: _Item) -> None:
+        src = it.meta["dup_of"]
+        if src not in self.placed:
+            raise self.fail(it, f"is a dup of fd {src}, which was not restored")
+        self.call("dup3", src, it.fd, os.O_CLOEXEC if it.e.cloexec else 0, it=it)
+        self.placed.add(it.fd)
+
+    def restore_ghost(self, it: _Item) -> None:
+        tfd, path = tempfile.mkstemp(prefix="ghost-", dir=self.ghost_dir)  # 0600
+        try:
+            with os.fdopen(tfd, "wb", closefd=False) as f:
+                f.write(it.blob)
+            fd = self.openat(path, it.e.flags, it)
+            os.fchmod(tfd, stat.S_IMODE(it.e.mode) or 0o600)
+        finally:
+            os.close(tfd)
+            os.unlink(path)
+        self.lseek(fd, it)
+        self.place(fd, it)
+
+    def restore_memfd(self, it: _Item) -> None:
+        name = it.meta.get("name", "")
+        addr = self.stage(name[:249], it)
+        fd = self.fresh(self.call("memfd_create", addr, MFD_CLOEXEC | MFD_ALLOW_SEALING, it=it))
+        if it.blob:
+            wfd = os.open(f"/proc/{self.pid}/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(wfd, it.blob, 0)
+                os.ftruncate(wfd, it.e.file_size)
+            finally:
+                os.close(wfd)
+        if it.meta.get("seals"):
+            self.call("fcntl", fd, F_ADD_SEALS, it.meta["seals"], it=it)
+        mode = it.e.flags & os.O_ACCMODE
+        if mode != os.O_RDWR:  # memfd_create gives O_RDWR: reopen with the saved mode
+            fd2 = self.openat(f"/proc/self/fd/{fd}", it.e.flags, it)
+            self.call("close", fd)
+            fd = fd2
+        else:
+            self.setfl(fd, it, os.O_RDWR)
+        self.lseek(fd, it)
+        self.place(fd, it)
+
+    def restore_pipe(self, it: _Item) -> None:
+        """The first fd of a pipe (or FIFO) makes the pipe; its other ends,
+        other descriptions and its content come with it."""
+        key = (it.e.dev, it.e.pipe_id)
+        group = [o for o in self.items if (o.e.dev, o.e.pipe_id) == key
+                 and o.e.type == it.e.type and "dup_of" not in o.meta
+                 and self.inherited_source(o) is None]
+        data = next((o.e.pipe_data for o in group if o.e.pipe_data), b"")
+        size = next((o.meta["pipe_size"] for o in group if "pipe_size" in o.meta), 0)
+        if it.e.type == files_pb2.FD_PIPE:
+            addr = self.r.scratch
+            created = os.O_DIRECT if any(o.e.flags & os.O_DIRECT for o in group) else 0
+            self.call("pipe2", addr, os.O_CLOEXEC | created, it=it)  # O_DIRECT: packet mode
+            rd, wr = struct.unpack("ii", self.r.read(addr, 8))
+            ends = {os.O_RDONLY: self.fresh(rd), os.O_WRONLY: self.fresh(wr)}
+        else:
+            # a FIFO: an O_RDWR helper never blocks and lets the real opens not block
+            self.stage_len_ok(it)
+            helper = self.fresh(self.openat(it.e.path, os.O_RDWR | os.O_NONBLOCK, it))
+            try:
+                self.check_identity(it, os.stat(f"/proc/{self.pid}/fd/{helper}"))
+            except RestoreError:
+                self.call("close", helper)
+                raise
+            ends = {os.O_RDONLY: helper, os.O_WRONLY: helper}
+            created = 0
+        self.fill_pipe(ends[os.O_WRONLY], it, data, size)
+        used: set[int] = set()
+        for o in group:
+            mode = o.e.flags & os.O_ACCMODE
+            if o.e.type == files_pb2.FD_FIFO:  # the helper keeps this open from blocking
+                self.place(self.openat(o.e.path, o.e.flags, o), o)
+                continue
+            src = ends.get(mode)
+            if src is None:
+                raise self.fail(o, f"pipe end with access mode {mode} cannot be restored")
+            if src in used:  # another description of the same end
+                self.place(self.openat(f"/proc/self/fd/{src}", o.e.flags, o), o)
+                continue
+            used.add(src)
+            self.setfl(src, o, created)
+            self.place(src, o, close_tmp=False)
+        for fd in set(ends.values()):
+            if fd not in self.placed:
+                self.call("close", fd)  # an end the process did not hold, or the helper
+
+    def fill_pipe(self, wr: int, it: _Item, data: bytes, size: int) -> None:
+        if not data and not size:
+            return
+        wfd = os.open(f"/proc/{self.pid}/fd/{wr}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if it.e.type == files_pb2.FD_FIFO and _unread(wfd):
+                return  # the FIFO lives on (a peer holds it): its content is its own
+            if size and fcntl.fcntl(wfd, F_GETPIPE_SZ) != size:
+                try:
+                    fcntl.fcntl(wfd, F_SETPIPE_SZ, size)
+                except OSError as exc:
+                    if len(data) > fcntl.fcntl(wfd, F_GETPIPE_SZ):
+                        raise self.fail(it, f"cannot set the pipe size to {size}:"
+                                            f" {exc.strerror}") from None
+            view = memoryview(data)
+            while view:
+                n = os.write(wfd, view)
+                view = view[n:]
+        except BlockingIOError:
+            raise self.fail(it, f"the pipe took only part of its {len(data)} saved bytes"
+                                " (a FIFO with data already in it?)") from None
+        finally:
+            os.close(wfd)
+
+    def restore_tty(self, it: _Item) -> None:
+        e = it.e
+        if it.meta.get("pty_master"):
+            fd = self.openat(e.path, e.flags | os.O_NOCTTY, it)
+            scratch = self.r.scratch
+            self.r.write(scratch, b"\0\0\0\0")
+            self.call("ioctl", fd, TIOCSPTLCK, scratch, it=it)
+            self.pty_new_index[it.meta["pty_index"]] = e.fd
+            return self.place(fd, it)
+        idx = it.meta.get("pty_index")
+        if idx in self.pty_new_index:  # the slave of a master restored above
+            master = self.pty_new_index[idx]
+            flags = (e.flags & ~OPEN_ONLY) | os.O_NOCTTY | os.O_CLOEXEC
+            fd = self.fresh(self.call("ioctl", master, TIOCGPTPEER, flags, it=it))
+            return self.place(fd, it)
+        if e.fd in self.original and self.placeholder_is_tty(self.moved.get(e.fd, e.fd)):
+            return self.place(self.moved.get(e.fd, e.fd), it, close_tmp=False)
+        self.place(self.openat(e.path, e.flags | os.O_NOCTTY, it), it)
+
+    def placeholder_is_tty(self, fd: int) -> bool:
+        try:
+            st = os.stat(f"/proc/{self.pid}/fd/{fd}")
+        except OSError:
+            return False
+        if not stat.S_ISCHR(st.st_mode):
+            return False
+        pidfd = pidfd_open(self.pid)
+        try:
+            own = pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+        try:
+            return os.isatty(own)
+        finally:
+            os.close(own)
+
+    def restore_fs(self) -> None:
+        e = self.entry
+        if e.cwd:
+            res = self.r.syscall("chdir", self.stage(e.cwd))
+            if res < 0:
+                raise RestoreError(f"cannot chdir to {e.cwd} in process {self.pid}:"
+                                   f" {os.strerror(-res)}")
+        if e.root and e.root != "/":
+            res = self.r.syscall("chroot", self.stage(e.root))
+            if res < 0:
+                raise RestoreError(f"cannot chroot to {e.root} in process {self.pid}:"
+                                   f" {os.strerror(-res)}")
+        self.call("umask", e.umask)
+
+    def close_others(self) -> None:
+        for fd in sorted(self.placeholder_fds() - self.needed - self.keep):
+            self.call("close", fd)
