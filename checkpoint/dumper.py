@@ -38,6 +38,7 @@ from .objects import threads as thr_obj
 from .progress import Progress
 from .tracking.base import (REGION_ZERO, Tracker, choose_tracker, content_scan_kw, trackable,
                             vma_key)
+from .kernel.pagemap import PAGE_IS_PRESENT
 from .tracking.scan import PagemapScanner, batch_pages
 
 READ_CHUNK = 1 << 20
@@ -368,11 +369,15 @@ def _engine_fds(tracker: Tracker | None, pid: int) -> set[int]:
 
 
 def _count_present(pid: int, vmas: list[procfs.Vma]) -> int:
-    """Pages with content in the target (for pages_skipped_parent)."""
+    """Pages in RAM with content of their own (for pages_skipped_parent).
+    Swapped entries are left out: uffd-wp pte markers on never-touched pages
+    read as swapped too."""
     n = 0
     with PagemapScanner(pid) as scanner:
         for v in vmas:
             if trackable(v) and v.path not in mm_obj.SPECIAL and not mm_obj.content_in_file(v):
-                for b in scanner.scan(v.start, v.end, **content_scan_kw(v)):
+                kw = content_scan_kw(v)
+                kw["category_anyof_mask"] = PAGE_IS_PRESENT
+                for b in scanner.scan(v.start, v.end, **kw):
                     n += batch_pages(b)
     return n
