@@ -495,7 +495,9 @@ class _Builder:
 
 
 def _load(images_dir: str):
-    chain = open_chain(images_dir, verify_frames=True)
+    # every frame's checksum before anything starts; then each frame is
+    # read and decompressed once, while the pages are written
+    chain = open_chain(images_dir, verify_frames="crc")
     try:
         if chain.top.kind != KIND_DUMP:
             raise ImageError("the chain ends with a pre-dump: there is no complete state to "
