@@ -112,6 +112,11 @@ def rt(tmp_path, reaper):
     ch.close()
 
 
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    from checkpoint.kernel.syscalls import tgkill as _tgkill
+    _tgkill(tgid, tid, sig)
+
+
 def check_ok(ch: Channel, pid: int | None = None) -> dict:
     line = ch.ask("check", "CHECK")
     assert "errors=0" in line, (line, ch.errors())
@@ -139,6 +144,9 @@ def test_predumps_dump_kill_restore_continues(rt, reaper):
         assert s1.full_reason == "" and s1.pages_written < 200
         ch.ask("write 77", "OK")
         ch.ask("write 1234", "OK")
+        # a signal pending (blocked) in the main thread must survive
+        tgkill(p.pid, p.pid, signal.SIGUSR2)
+        assert check_ok(ch)["pending_usr2"] == "1"
         s2 = ck.dump()
     killed(p)
     assert s2.kind == "dump" and s2.layer == 2
@@ -147,7 +155,7 @@ def test_predumps_dump_kill_restore_continues(rt, reaper):
     assert r.pid == p.pid and r.layers == 3
     assert len(procfs.list_tasks(r.pid)) == 6  # original TIDs, checked by pthread_kill
     assert tracer_of(r.pid) == 0
-    check_ok(ch, p.pid)
+    assert check_ok(ch, p.pid)["pending_usr2"] == "1"
     assert ch.ask("pipe", "PIPE") == "PIPE ok"
     ch.send("quit\n")
     assert r.wait(10) == 0
@@ -399,3 +407,28 @@ def _dumped_key(images, fd: int) -> str:
     with open_chain(images) as chain:
         files = [m for _, m in chain.records("files")][0]
     return [e.path for e in files.fds if e.fd == fd][0]
+
+
+@pytest.mark.parametrize("how", ["quit", "sigterm"])
+def test_cli_restore_stays_parent_and_exits_with_status(rt, reaper, how):
+    p, ch, tmp = rt
+    images = tmp / "img"
+    cli = [sys.executable, "-m", "checkpoint"]
+    subprocess.run([*cli, "dump", "-t", str(p.pid), "-D", images], check=True,
+                   capture_output=True)
+    killed(p)
+    fd_in, fd_out = ch.in_r, ch.out_w
+    eng = subprocess.Popen([*cli, "restore", "-D", images, "--no-inherit-stdio",
+                            f"--inherit-fd=fd[{fd_in}]:{_dumped_key(images, 0)}",
+                            f"--inherit-fd=fd[{fd_out}]:{_dumped_key(images, 1)}"],
+                           pass_fds=(fd_in, fd_out), stderr=subprocess.PIPE)
+    reaper.append(eng.pid)
+    check_ok(ch, p.pid)
+    assert procfs.read_stat(p.pid).ppid == eng.pid  # the engine is the parent
+    if how == "quit":
+        ch.send("quit\n")
+        assert eng.wait(10) == 0
+    else:
+        eng.send_signal(signal.SIGTERM)  # forwarded: the program dies of it
+        assert eng.wait(10) == 128 + signal.SIGTERM
+    assert proc_state(p.pid) == ""

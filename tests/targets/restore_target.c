@@ -183,8 +183,11 @@ static void check(void)
 		if (after[i] <= before[i])
 			err("thread not ticking", i);
 	}
-	printf("CHECK errors=%d ticks=%ld,%ld,%ld,%ld,%ld pid=%d\n", errors, after[0], after[1],
-	       after[2], after[3], after[4], getpid());
+	sigset_t pend;
+	sigpending(&pend);
+	printf("CHECK errors=%d ticks=%ld,%ld,%ld,%ld,%ld pid=%d pending_usr2=%d\n", errors,
+	       after[0], after[1], after[2], after[3], after[4], getpid(),
+	       sigismember(&pend, SIGUSR2));
 }
 
 int main(int argc, char **argv)
