@@ -17,6 +17,7 @@ previous layers stay as they were.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from array import array
@@ -42,6 +43,7 @@ from .kernel.pagemap import PAGE_IS_PRESENT
 from .tracking.scan import PagemapScanner, batch_pages
 
 READ_CHUNK = 1 << 20
+log = logging.getLogger("checkpoint.dump")
 
 
 @dataclass
@@ -163,6 +165,9 @@ class Checkpointer:
             try:
                 tracker.bind(proc)
                 full_reason = tracker.full_reason(self.pid) or ""
+                log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
+                         self.pid, proc.freezing_ms, tracker.name,
+                         f" (full layer: {full_reason})" if full_reason else "")
                 records = self._metadata(proc, final)
                 vmas = records.pop("_vmas")
                 tracker.whole_vmas.clear()
@@ -174,9 +179,11 @@ class Checkpointer:
                 records["tracker"] = tracking_pb2.TrackerStateEntry(
                     pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
                     full_reason=full_reason)
+                log.info("%d VMAs, %d pages to write", len(vmas), regions.data_pages)
                 if not final:
                     proc.thaw()
                     frozen_ms = (time.perf_counter() - t_frozen) * 1e3
+                    log.info("thawed after %.2f ms; writing pages while it runs", frozen_ms)
                 t_mem = time.perf_counter()
                 mem_ms = self._write_pages(writer, regions, progress)
                 present = 0 if full_reason else _count_present(self.pid, vmas)
@@ -215,11 +222,14 @@ class Checkpointer:
             raise
         finally:
             progress.close()
+        log.info("published %s: %d pages, %d zero, %d bytes stored", st.path, st.pages,
+                 st.pages_zero, st.bytes_stored)
         if final:
             if leave_running:
                 proc.thaw()
             else:
                 proc.kill()
+                log.info("killed %d", self.pid)
         return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
                          full_reason=full_reason, freezing_ms=proc.freezing_ms,
                          frozen_ms=frozen_ms, memdump_ms=mem_ms, memwrite_ms=write_ms,

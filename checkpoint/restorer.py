@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -58,6 +59,7 @@ THREAD_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD
                 | CLONE_SYSVSEM | CLONE_CHILD_CLEARTID)
 SS_DISABLE = 2
 PLACEHOLDER = ["sleep", "infinity"]
+log = logging.getLogger("checkpoint.restore")
 
 
 @dataclass
@@ -222,6 +224,14 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = ()) -> int:
         time.sleep(0.0005)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _kill_reap(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -256,6 +266,8 @@ class _Builder:
 
     def run(self) -> None:
         proc, rec = self.proc, self.rec
+        log.info("building PID %d: %d VMAs, %d threads", self.pid, len(rec["mm"].vmas),
+                 len(rec["core"]))
         cores = {c.tid: c for c in rec["core"]}
         leader = rec["pstree"].pid
         with Injector(proc, proc.pid) as r:
@@ -268,6 +280,7 @@ class _Builder:
             self._map_vmas(r)
             self._what = "memory pages"
             self._write_pages()
+            log.info("%d pages written", self.pages)
             self._what = "mm fields (PR_SET_MM_MAP)"
             self._set_mm(r)
             self._what = "signal dispositions"
@@ -395,19 +408,23 @@ class _Builder:
         mm = self.rec["mm"]
         auxv = list(mm.auxv) + [0, 0]
         auxv_raw = struct.pack(f"<{len(auxv)}Q", *auxv)
-        exe_fd = r.call("openat", AT_FDCWD, self._path_in_target(r, mm.exe_path),
-                        O_RDONLY | O_CLOEXEC, 0)
+        # the exe link: changing it is refused (EBUSY) while the old exe is
+        # mapped, which it is when the placeholder runs the same binary
+        same = _same_file(f"/proc/{self.pid}/exe", mm.exe_path)
+        exe_fd = -1 if same else r.call("openat", AT_FDCWD, self._path_in_target(r, mm.exe_path),
+                                        O_RDONLY | O_CLOEXEC, 0)
         try:
             base = r.scratch
             r.write(base + 1024, auxv_raw)
-            m = struct.pack("<11QQII", mm.mm_start_code, mm.mm_end_code, mm.mm_start_data,
+            m = struct.pack("<11QQIi", mm.mm_start_code, mm.mm_end_code, mm.mm_start_data,
                             mm.mm_end_data, mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack,
                             mm.mm_arg_start, mm.mm_arg_end, mm.mm_env_start, mm.mm_env_end,
                             base + 1024, len(auxv_raw), exe_fd)
             r.write(base, m)
             r.call("prctl", PR_SET_MM, PR_SET_MM_MAP, base, len(m), 0)
         finally:
-            r.syscall("close", exe_fd)
+            if exe_fd >= 0:
+                r.syscall("close", exe_fd)
 
     def _sigactions(self, r: Injector) -> None:
         for a in self.rec["signals"].actions:
@@ -573,6 +590,7 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
     finally:
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3
+    log.info("restored PID %d in %.1f ms", pid, ms)
     r = Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers),
                  detached=detach)
     if detach:

@@ -432,3 +432,21 @@ def test_cli_restore_stays_parent_and_exits_with_status(rt, reaper, how):
         eng.send_signal(signal.SIGTERM)  # forwarded: the program dies of it
         assert eng.wait(10) == 128 + signal.SIGTERM
     assert proc_state(p.pid) == ""
+
+
+def test_restore_a_program_running_the_placeholder_binary(tmp_path, reaper):
+    """coreutils sleep, like the placeholder: the exe link must stay (changing
+    it while the same binary is mapped is EBUSY); the sleep then finishes."""
+    p = subprocess.Popen(["sleep", "1.5"])
+    reaper.append(p.pid)
+    time.sleep(0.3)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    killed(p)
+    t0 = time.monotonic()
+    r = restore(tmp_path / "img")
+    reaper.append(r.pid)
+    assert os.readlink(f"/proc/{r.pid}/exe") == os.path.realpath(subprocess.check_output(
+        ["sh", "-c", "command -v sleep"], text=True).strip())
+    assert r.wait(10) == 0
+    assert time.monotonic() - t0 < 5

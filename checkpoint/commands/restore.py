@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--restart-block", choices=["eintr", "reissue"], default="eintr",
                    help="a sleep interrupted by the dump returns EINTR (as CRIU) or is "
                         "issued again")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -54,6 +55,9 @@ def parse_inherit(specs: list[str]) -> dict[str, int]:
 
 
 def run(args) -> int:
+    if args.verbose:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="checkpoint: %(message)s")
     r = restore(args.images_dir, inherit=parse_inherit(args.inherit_fd),
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 restart_block=args.restart_block)

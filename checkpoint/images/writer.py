@@ -5,16 +5,23 @@ One pass, never seeking back, so the same encoder writes a local file
 (:class:`StreamSink`). Pages are copied (or, for whole frames, borrowed) into
 frames of ``frame_size`` raw bytes, each compressed by one ``zstandard`` call;
 with ``threads > 1`` frames are compressed in parallel and written in order.
+The sink's writes (and the frames' CRCs) run on one background thread, in
+order, so the disk I/O overlaps compression; its errors surface from the next
+add_pages/add_zero/add_record call or from close().
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import os
+import queue
 import secrets
 import socket
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,9 +72,12 @@ class LocalSink:
         self.temp = os.path.join(self.dir, f"{F.TEMP_PREFIX}{index:04d}.img.tmp-{secrets.token_hex(4)}")
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.path: str | None = None
+        self._written = 0       # bytes written so far
+        self._synced = 0        # bytes whose writeback has been started
 
     def write(self, buffers) -> None:
         bufs = [memoryview(b).cast("B") for b in buffers]
+        self._written += sum(len(b) for b in bufs)
         while bufs:
             n = os.writev(self.fd, bufs[:1024])
             while n and bufs:
@@ -77,6 +87,11 @@ class LocalSink:
                 else:
                     bufs[0] = bufs[0][n:]
                     n = 0
+        if self._written - self._synced >= WRITEBACK_CHUNK:
+            # Start writeback of what is written so far, so that the fsync
+            # at commit finds little left to write instead of the whole file.
+            _start_writeback(self.fd, self._synced, self._written - self._synced)
+            self._synced = self._written
 
     def commit(self) -> str:
         os.fsync(self.fd)
@@ -129,6 +144,30 @@ class StreamSink:
         pass
 
 
+WRITEBACK_CHUNK = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = None
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing the dirty pages of
+    the range back without waiting for them (Linux). Only a hint: durability
+    still comes from the fsync at commit; failures are ignored here (the
+    fsync reports them)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            f = libc.sync_file_range
+            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            f.restype = ctypes.c_int
+            _sync_file_range = f
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -139,6 +178,83 @@ def fsync_dir(path: str) -> None:
 
 def _boottime_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+_FRAME = object()      # marks a queued frame: (_FRAME, data, raw, offset, seed)
+
+
+class _Writeback:
+    """One background thread that does the sink's writes, in queue order, so
+    that write syscalls (and the frames' CRC-32, which the block header needs)
+    overlap the caller's compression. Both release the GIL. The queue is
+    bounded (``depth`` items, each at most about one compressed frame), which
+    bounds memory and makes a slow sink slow the writer down.
+
+    The first error is kept; later items are dropped, and ``put``/``finish``
+    raise that same exception object (an ENOSPC stays an OSError with errno
+    ENOSPC). The thread holds no reference to the LayerWriter."""
+
+    def __init__(self, sink, depth: int):
+        self.sink = sink
+        self.q: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.discard = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="layer-io", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; raise the first error."""
+        self._stop()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Drop what is still queued and wait for the thread to end (so the
+        sink may then be aborted: nothing writes to it any more)."""
+        self.discard = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.q.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        q, sink = self.q, self.sink
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if self.discard or self.error is not None:
+                continue
+            try:
+                if item[0] is _FRAME:
+                    _, data, raw, pos, seed = item
+                    head = F.pack_block_header(F.BT_FRAME, len(data), raw, zlib.crc32(data),
+                                               pos, seed)
+                    sink.write((head, data))
+                else:
+                    sink.write(item)
+            except BaseException as exc:    # handed to the caller's thread
+                self.error = exc
+
+
+def _cancel_writeback(io: _Writeback) -> None:
+    # A writer dropped without close()/abort(): end its thread, not waiting.
+    io.discard = True
+    if not io.stopped:
+        io.stopped = True
+        try:
+            io.q.put_nowait(None)
+        except queue.Full:
+            pass    # the thread drains the queue (discarding) and then sees None
 
 
 # -------------------------------------------------------------------- writer
@@ -204,8 +320,11 @@ class LayerWriter:
         self._t0: float | None = None
         self._busy = 0.0
         self._local = threading.local()
+        self._cctx = zstandard.ZstdCompressor(level=level)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd-w") \
             if self.threads > 1 else None
+        self._io = _Writeback(sink, depth=16 + 4 * self.threads)
+        weakref.finalize(self, _cancel_writeback, self._io)
         try:
             self._write(F.PREAMBLE.pack(F.MAGIC, F.FORMAT_VERSION, 0))
             payload = inv.SerializeToString()
@@ -301,6 +420,7 @@ class LayerWriter:
                            header_digest=self.header_digest, pages_zero=self._pages_zero,
                            pids=len(self._next_addr))
             self._block(F.BT_TRAILER, tr.SerializeToString())
+            self._io.finish()
             path = self.sink.commit()
         except BaseException:
             self.abort()
@@ -316,6 +436,7 @@ class LayerWriter:
         self._closed = True
         self._jobs.clear()
         self._shutdown()
+        self._io.cancel()       # before the sink closes its file
         self.sink.abort()
 
     @property
@@ -373,7 +494,9 @@ class LayerWriter:
 
     def _submit(self, src: memoryview, entries: list, owned: bytearray | None) -> None:
         if self._pool is None:
-            self._write_frame(len(src), self._compress(src), entries)
+            # Compressed here and now, so `src` (maybe the caller's buffer) is
+            # free again on return; the CRC is left to the I/O thread.
+            self._write_frame(len(src), (self._cctx.compress(src), None), entries)
             return
         self._jobs.append((self._pool.submit(self._compress, src), len(src), entries, owned))
         self._drain(2 * self.threads)
@@ -389,8 +512,12 @@ class LayerWriter:
         data, crc = compressed
         frame_no = len(self._frames)
         self._frames.append(self._pos)
-        head = F.pack_block_header(F.BT_FRAME, len(data), raw, crc, self._pos, self._seed)
-        self._write(head, data)
+        if crc is None:     # the I/O thread computes the CRC and the block header
+            self._io.put((_FRAME, data, raw, self._pos, self._seed))
+            self._pos += F.BLOCK_HEADER_SIZE + len(data)
+        else:
+            head = F.pack_block_header(F.BT_FRAME, len(data), raw, crc, self._pos, self._seed)
+            self._write(head, data)
         self._bytes_stored += len(data)
         self._write_pagemap(frame_no, entries)
 
@@ -414,7 +541,7 @@ class LayerWriter:
         self._write(head, payload)
 
     def _write(self, *buffers) -> None:
-        self.sink.write(buffers)
+        self._io.put(buffers)
         self._pos += sum(len(b) for b in buffers)
 
     def _shutdown(self) -> None:

@@ -72,7 +72,8 @@ KCMP_FILE = 0
 # <linux/splice.h>
 SPLICE_F_NONBLOCK = 0x02
 
-OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC  # never replayed
+O_TMPFILE = 0o20200000  # __O_TMPFILE | O_DIRECTORY: an O_TMPFILE file shows it in fdinfo
+OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | O_TMPFILE  # never replayed
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME  # what F_SETFL may change for us
 MEM_MAJOR = 1  # /dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom (drivers/char/mem.c)
 
