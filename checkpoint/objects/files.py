@@ -72,8 +72,15 @@ KCMP_FILE = 0
 # <linux/splice.h>
 SPLICE_F_NONBLOCK = 0x02
 
-O_TMPFILE = 0o20200000  # __O_TMPFILE | O_DIRECTORY: an O_TMPFILE file shows it in fdinfo
-OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | O_TMPFILE  # never replayed
+OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC  # never replayed
+__O_TMPFILE, O_DIRECTORY = 0o20000000, 0o200000  # an O_TMPFILE file keeps both in fdinfo
+
+
+def reopen_flags(flags: int) -> int:
+    """Open flags that reopen what ``flags`` (from fdinfo) describe."""
+    if flags & __O_TMPFILE:
+        flags &= ~(__O_TMPFILE | O_DIRECTORY)
+    return flags & ~OPEN_ONLY
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME  # what F_SETFL may change for us
 MEM_MAJOR = 1  # /dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom (drivers/char/mem.c)
 
@@ -479,7 +486,7 @@ class _Restorer:
 
     def openat(self, path: str, flags: int, it: _Item) -> int:
         addr = self.stage(path, it)
-        res = self.r.syscall("openat", AT_FDCWD, addr, (flags & ~OPEN_ONLY) | os.O_CLOEXEC, 0)
+        res = self.r.syscall("openat", AT_FDCWD, addr, reopen_flags(flags) | os.O_CLOEXEC, 0)
         if res < 0:
             raise self.fail(it, f"cannot open {path} in process {self.pid}: {os.strerror(-res)}")
         return res
@@ -740,7 +747,7 @@ class _Restorer:
         idx = it.meta.get("pty_index")
         if idx in self.pty_new_index:  # the slave of a master restored above
             master = self.pty_new_index[idx]
-            flags = (e.flags & ~OPEN_ONLY) | os.O_NOCTTY | os.O_CLOEXEC
+            flags = reopen_flags(e.flags) | os.O_NOCTTY | os.O_CLOEXEC
             fd = self.fresh(self.call("ioctl", master, TIOCGPTPEER, flags, it=it))
             return self.place(fd, it)
         if e.fd in self.original and self.placeholder_is_tty(self.moved.get(e.fd, e.fd)):
