@@ -41,7 +41,7 @@ from .images.format import KIND_DUMP
 from .inject import Injector, ProcMem
 from .kernel import procfs
 from .kernel import ptrace as pt
-from .kernel.syscalls import NR, clone_args, raw_syscall
+from .kernel.syscalls import NR, clone_args, libc, raw_syscall
 from .objects import mm as mm_obj
 from .objects.threads import restart_fixup
 
@@ -58,6 +58,7 @@ CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
 THREAD_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD
                 | CLONE_SYSVSEM | CLONE_CHILD_CLEARTID)
 SS_DISABLE = 2
+CLONE_NEWPID = 0x20000000
 PLACEHOLDER = ["sleep", "infinity"]
 log = logging.getLogger("checkpoint.restore")
 
@@ -75,15 +76,20 @@ class Restored:
     pages_restored: int
     layers: int
     detached: bool = False
+    pid_ns: bool = False
+    waiter: int = 0  # our child to wait for: the process itself, or its namespace's keeper
     _status: int | None = None
     _reaper: object = None
+
+    def __post_init__(self):
+        self.waiter = self.waiter or self.pid
 
     def _start_reaper(self) -> None:
         import threading
 
         def reap():
-            _, status = os.waitpid(self.pid, 0)
-            self._status = os.waitstatus_to_exitcode(status)
+            _, status = os.waitpid(self.waiter, 0)
+            self._status = self._decode(status)
         self._reaper = threading.Thread(target=reap, name=f"reap-{self.pid}", daemon=True)
         self._reaper.start()
 
@@ -97,13 +103,19 @@ class Restored:
             return self._status
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
-            if pid == self.pid:
-                self._status = os.waitstatus_to_exitcode(status)
+            pid, status = os.waitpid(self.waiter, 0 if deadline is None else os.WNOHANG)
+            if pid == self.waiter:
+                self._status = self._decode(status)
                 return self._status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"restored process {self.pid} still running")
             time.sleep(0.01)
+
+    def _decode(self, status: int) -> int:
+        code = os.waitstatus_to_exitcode(status)
+        if self.pid_ns and code > 128:  # the namespace's keeper passes 128 + signal on
+            return 128 - code
+        return code
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
@@ -192,34 +204,95 @@ def _clone_with_pid(pid: int) -> int:
             raise RestoreError(f"clone3 with PID {pid} failed: {exc.strerror}") from None
 
 
-def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = ()) -> int:
-    """Start the placeholder as our child, with PID ``pid`` (clone3 set_tid)
-    or any PID; returns its PID once it runs the placeholder program."""
+def _exec_placeholder(exe: str, pass_fds: tuple[int, ...]) -> None:  # pragma: no cover
+    """In a fresh child: become the placeholder program (never returns)."""
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(s, signal.SIG_DFL)
+        for fd in pass_fds:  # everything else of ours is close-on-exec
+            os.set_inheritable(fd, True)
+        os.execv(exe, [exe, *PLACEHOLDER[1:]])
+    finally:
+        os._exit(127)
+
+
+NS_EXIT_EPERM, NS_EXIT_OTHER = 121, 122
+
+
+def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...]) -> None:  # pragma: no cover
+    """In a fresh child of the engine: a new PID namespace whose init starts
+    the placeholder with ns-PID ``pid`` and lives as long as it does,
+    exiting with its status (128 + signal when it was killed)."""
+    try:
+        if libc.unshare(CLONE_NEWPID) != 0:
+            os._exit(NS_EXIT_EPERM if ctypes.get_errno() == errno.EPERM else NS_EXIT_OTHER)
+        init = os.fork()
+        if init:
+            _, status = os.waitpid(init, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        try:
+            child = _clone_with_pid(pid)
+        except RestoreError as exc:
+            os._exit(NS_EXIT_EPERM if "not permitted" in str(exc) else NS_EXIT_OTHER)
+        if child == 0:
+            _exec_placeholder(exe, pass_fds)
+        while True:  # the namespace's init: reap everything, leave with the placeholder
+            got, status = os.waitpid(-1, 0)
+            if got == child:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+    finally:
+        os._exit(NS_EXIT_OTHER)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
+                       pid_ns: bool = False) -> tuple[int, int]:
+    """Start the placeholder with PID ``pid`` (clone3 set_tid; in a new PID
+    namespace with ``pid_ns``) or any PID. Returns (placeholder PID as the
+    engine sees it, the engine's child to wait for) once the placeholder
+    program runs."""
     exe = shutil.which(PLACEHOLDER[0])
     if exe is None:
         raise RestoreError(f"placeholder program {PLACEHOLDER[0]!r} not found in PATH")
-    child = os.fork() if pid is None else _clone_with_pid(pid)
-    if child == 0:  # pragma: no cover - the child: become the placeholder
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-                signal.signal(s, signal.SIG_DFL)
-            for fd in pass_fds:  # everything else of ours is close-on-exec
-                os.set_inheritable(fd, True)
-            os.execv(exe, [exe, *PLACEHOLDER[1:]])
-        finally:
-            os._exit(127)
-    # wait until it runs the placeholder (exec done) and sleeps
+    if pid_ns:
+        waiter = os.fork()
+        if waiter == 0:  # pragma: no cover
+            _pid_ns_child(pid, exe, pass_fds)
+        child = None
+    else:
+        waiter = child = os.fork() if pid is None else _clone_with_pid(pid)
+        if child == 0:  # pragma: no cover - the child: become the placeholder
+            _exec_placeholder(exe, pass_fds)
     deadline = time.monotonic() + 5
     while True:
+        if child is None:  # find it: the child of the namespace's init
+            for init in _children(waiter):
+                kids = _children(init)
+                child = kids[0] if kids else None
         try:
-            if os.readlink(f"/proc/{child}/exe") == os.path.realpath(exe) and \
-                    procfs.read_stat(child).state == "S":
-                return child
+            if child is not None and os.readlink(f"/proc/{child}/exe") == \
+                    os.path.realpath(exe) and procfs.read_stat(child).state == "S":
+                return child, waiter
         except (OSError, CheckpointError):
             pass
+        got, status = os.waitpid(waiter, os.WNOHANG)
+        if got == waiter:
+            code = os.waitstatus_to_exitcode(status)
+            if code == NS_EXIT_EPERM:
+                raise RestoreError("not permitted to create a PID namespace or choose PIDs "
+                                   "in it (needs CAP_SYS_ADMIN, or a user namespace)")
+            raise RestoreError(f"the placeholder process did not start (status {code})")
         if time.monotonic() > deadline:
-            _kill_reap(child)
+            _kill_reap(waiter)
             raise RestoreError("the placeholder process did not start")
         time.sleep(0.0005)
 
@@ -486,9 +559,15 @@ class _Builder:
         args.set_tid = base + 512
         r.write(base + 512, bytes(tids))
         r.write(base, bytes(args))
-        tid = r.call("clone3", base, ctypes.sizeof(args))
-        if tid != core.tid:
-            raise RestoreError(f"clone3 gave TID {tid}, wanted {core.tid}")
+        before = set(procfs.list_tasks(self.pid))
+        got = r.call("clone3", base, ctypes.sizeof(args))  # the TID as the process sees it
+        if got != core.tid:
+            raise RestoreError(f"clone3 gave TID {got}, wanted {core.tid}")
+        # the same thread as the engine sees it (they differ in a new PID namespace)
+        new = set(procfs.list_tasks(self.pid)) - before - set(self.proc.threads)
+        if len(new) != 1:
+            raise RestoreError(f"cannot tell the new thread {core.tid} among {sorted(new)}")
+        tid = new.pop()
         self.proc.threads[tid] = FrozenThread(tid)  # auto-attached (TRACECLONE)
         self.proc._await_interrupt_stop(tid)
         with Injector(self.proc, tid) as rc:
@@ -496,19 +575,21 @@ class _Builder:
             rc.install_on_exit(*self._final_state(core))
 
     def _pending_signals(self, r: Injector, cores: dict) -> None:
+        # injected: PIDs as the restored process sees them (the dumped ones)
+        pid = self.rec["pstree"].pid
         shared = self.rec["signals"].shared_pending_siginfo
         for i in range(0, len(shared), pt.SIGINFO_SIZE):
             info = shared[i:i + pt.SIGINFO_SIZE]
             sig = struct.unpack_from("<i", info)[0]
             r.write(r.scratch, info)
-            r.call("rt_sigqueueinfo", self.pid, sig, r.scratch)
+            r.call("rt_sigqueueinfo", pid, sig, r.scratch)
         for tid, core in cores.items():
             data = core.pending_siginfo
             for i in range(0, len(data), pt.SIGINFO_SIZE):
                 info = data[i:i + pt.SIGINFO_SIZE]
                 sig = struct.unpack_from("<i", info)[0]
                 r.write(r.scratch, info)
-                r.call("rt_tgsigqueueinfo", self.pid, tid, sig, r.scratch)
+                r.call("rt_tgsigqueueinfo", pid, tid, sig, r.scratch)
 
 
 def _load(images_dir: str):
@@ -536,6 +617,7 @@ def _load(images_dir: str):
 
 
 def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
+            pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
             restart_block: str = "eintr") -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
@@ -565,7 +647,9 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
                         (fd.path.startswith("pipe:") or fd.path.startswith("/dev/pts/")
                          or fd.path.startswith("/dev/tty") or fd.type == 0):
                     keys[fd.path] = fd.fd
-        pid = _spawn_placeholder(None if new_pids else tree.pid, pass_fds)
+        if new_pids and pid_ns:
+            raise UsageError("--new-pids and --pid-ns exclude each other")
+        pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds, pid_ns)
         try:
             proc = freeze_process(pid)
             try:
@@ -586,13 +670,15 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
             proc.thaw()
         except BaseException:
             _kill_reap(pid)
+            if waiter != pid:
+                _kill_reap(waiter)
             raise
     finally:
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3
     log.info("restored PID %d in %.1f ms", pid, ms)
     r = Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers),
-                 detached=detach)
+                 detached=detach, pid_ns=pid_ns, waiter=waiter)
     if detach:
         r._start_reaper()
     return r

@@ -450,3 +450,34 @@ def test_restore_a_program_running_the_placeholder_binary(tmp_path, reaper):
         ["sh", "-c", "command -v sleep"], text=True).strip())
     assert r.wait(10) == 0
     assert time.monotonic() - t0 < 5
+
+
+def test_pid_ns_restores_while_the_original_runs(rt, reaper):
+    """-R leaves the original running (its PID taken): the plain restore says
+    so and suggests --pid-ns; --pid-ns gives a copy with the original PIDs
+    inside a new PID namespace."""
+    p, ch, tmp = rt
+    images = tmp / "img"
+    tgkill(p.pid, p.pid, signal.SIGUSR2)  # pending: must be re-queued inside the namespace
+    with Checkpointer(p.pid, images) as ck:
+        ck.dump(leave_running=True)
+    with pytest.raises(RestoreError, match="taken on this host.*--pid-ns"):
+        restore(images, inherit_stdio=False)
+    ch2 = Channel()
+    try:
+        inherit = {_dumped_key(images, 0): ch2.in_r, _dumped_key(images, 1): ch2.out_w}
+        r = restore(images, pid_ns=True, inherit=inherit, inherit_stdio=False)
+        reaper.append(r.waiter)
+        assert r.pid != p.pid
+        nspid = procfs.read_status(r.pid).nspid
+        assert nspid[-1] == p.pid and len(nspid) == 2
+        tids = procfs.list_tasks(r.pid)
+        assert sorted(procfs.read_status(r.pid, t).nspid[-1] for t in tids) == \
+            sorted(procfs.read_status(p.pid, t).nspid[-1] for t in procfs.list_tasks(p.pid))
+        # getpid() inside answers the original PID; the pending signal is there
+        assert check_ok(ch2, p.pid)["pending_usr2"] == "1"
+        check_ok(ch, p.pid)   # and the original goes on, independent
+        r.kill(signal.SIGTERM)
+        assert r.wait(10) == -signal.SIGTERM
+    finally:
+        ch2.close()

@@ -3,9 +3,11 @@ squash keeps that content identical."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from checkpoint.images import open_chain, open_layer_for_write
 from checkpoint.images.squash import squash
+from checkpoint.images.writer import LayerWriter, LocalSink, StreamSink
 from images_helpers import PS, ZERO, as_content, chain_pages, expected, page_content, write_chain
 
 page_value = st.one_of(st.integers(0, 10_000), st.just(ZERO))
@@ -88,3 +91,55 @@ def test_large_add_pages_borrowed_frames(tmp_path):
         got = chain_pages(sub, threads=threads)
         assert b"".join(got[(1, 16 + i)] for i in range(600)) == data_copy
         data[:] = data_copy
+
+
+class _FullDisk(LocalSink):
+    """A LocalSink whose disk fills up after `room` bytes."""
+
+    def __init__(self, *a, room: int, **kw):
+        super().__init__(*a, **kw)
+        self.room = room
+
+    def write(self, buffers) -> None:
+        n = sum(len(memoryview(b)) for b in buffers)
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        super().write(buffers)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("room", [0, 100, 3 << 20])
+def test_write_errors_surface_and_abort_leaves_nothing(tmp_path, threads, room):
+    """The background writer's ENOSPC comes out of add_pages or close as the
+    same OSError; abort (via the context manager) removes the temp file and
+    ends the writer's threads."""
+    d = tmp_path / "img"
+    before = set(threading.enumerate())
+    data = os.urandom(64 * PS)
+    with pytest.raises(OSError) as ei:
+        with LayerWriter(_FullDisk(d, 0, room=room), threads=threads) as w:
+            for i in range(200):                       # 50 MiB of incompressible pages
+                w.add_pages(1, i * 64 * PS, data)
+            w.close()
+    assert ei.value.errno == errno.ENOSPC
+    assert os.listdir(d) == []
+    assert set(threading.enumerate()) <= before
+
+
+def test_stream_sink_and_buffer_reuse(tmp_path):
+    """StreamSink gets the same format; the caller's buffer is reusable on return."""
+    d = tmp_path / "img"
+    d.mkdir()
+    buf = bytearray(3 * (1 << 20) + 5 * PS)
+    want = {}
+    with open(d / "layer-0000.img", "wb") as f:
+        w = LayerWriter(StreamSink(f))
+        for i in range(6):
+            buf[:] = b"".join(page_content(i * 1000 + k) for k in range(len(buf) // PS))
+            for k in range(len(buf) // PS):
+                want[(1, i * 4096 + k)] = bytes(buf[k * PS:(k + 1) * PS])
+            w.add_pages(1, i * 4096 * PS, buf)
+        st = w.close()
+    assert st.path is None and st.file_bytes == os.path.getsize(d / "layer-0000.img")
+    assert chain_pages(d) == want

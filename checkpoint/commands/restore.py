@@ -31,6 +31,8 @@ def register(sub) -> None:
                         "process in place of dumped pipes and terminals on fds 0-2")
     p.add_argument("--new-pids", action="store_true",
                    help="let the kernel pick the PID (single-threaded processes only)")
+    p.add_argument("--pid-ns", action="store_true",
+                   help="restore into a new PID namespace, where the original PIDs are free")
     p.add_argument("--restart-block", choices=["eintr", "reissue"], default="eintr",
                    help="a sleep interrupted by the dump returns EINTR (as CRIU) or is "
                         "issued again")
@@ -60,6 +62,7 @@ def run(args) -> int:
         logging.basicConfig(level=logging.INFO, format="checkpoint: %(message)s")
     r = restore(args.images_dir, inherit=parse_inherit(args.inherit_fd),
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
+                pid_ns=args.pid_ns,
                 restart_block=args.restart_block)
     if args.pidfile:
         tmp = f"{args.pidfile}.tmp{os.getpid()}"

@@ -208,31 +208,44 @@ class _Writeback:
             raise self.error
         self.q.put(item)
 
-    def finish(self) -> None:
-        """Wait until everything queued is written; raise the first error."""
-        self._stop()
+    def flush(self) -> None:
+        """Wait until everything queued so far is written; raise the first error."""
+        self.q.join()
         if self.error is not None:
             raise self.error
 
-    def cancel(self) -> None:
-        """Drop what is still queued and wait for the thread to end (so the
-        sink may then be aborted: nothing writes to it any more)."""
-        self.discard = True
-        self._stop()
-
-    def _stop(self) -> None:
+    def finish(self) -> None:
+        """Write everything queued and end the thread; raise the first error."""
         if not self.stopped:
             self.stopped = True
-            self.q.put(None)
+            self.q.put(None)        # the thread keeps consuming, even after an error
         self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self, wait: bool = True) -> None:
+        """Drop what is still queued and end the thread; with ``wait``, wait
+        for it (after which nothing writes to the sink any more, so the sink
+        may be aborted). Never blocks on a full queue."""
+        self.discard = True
+        if not self.stopped:
+            self.stopped = True
+            try:
+                self.q.put_nowait(None)
+            except queue.Full:
+                pass    # the thread sees discard and stopped after its current item
+        if wait:
+            self.thread.join()
 
     def _run(self) -> None:
         q, sink = self.q, self.sink
-        while True:
+        while not (self.discard and self.stopped):
             item = q.get()
             if item is None:
+                q.task_done()
                 return
             if self.discard or self.error is not None:
+                q.task_done()
                 continue
             try:
                 if item[0] is _FRAME:
@@ -244,17 +257,7 @@ class _Writeback:
                     sink.write(item)
             except BaseException as exc:    # handed to the caller's thread
                 self.error = exc
-
-
-def _cancel_writeback(io: _Writeback) -> None:
-    # A writer dropped without close()/abort(): end its thread, not waiting.
-    io.discard = True
-    if not io.stopped:
-        io.stopped = True
-        try:
-            io.q.put_nowait(None)
-        except queue.Full:
-            pass    # the thread drains the queue (discarding) and then sees None
+            q.task_done()
 
 
 # -------------------------------------------------------------------- writer
@@ -324,7 +327,7 @@ class LayerWriter:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd-w") \
             if self.threads > 1 else None
         self._io = _Writeback(sink, depth=16 + 4 * self.threads)
-        weakref.finalize(self, _cancel_writeback, self._io)
+        weakref.finalize(self, self._io.cancel, False)   # dropped without close/abort
         try:
             self._write(F.PREAMBLE.pack(F.MAGIC, F.FORMAT_VERSION, 0))
             payload = inv.SerializeToString()
@@ -404,6 +407,7 @@ class LayerWriter:
             self._drain(0)
             if self._zeros:
                 self._write_pagemap(None, [])
+            self._io.flush()        # the page data is written: memwrite_ms includes that
             self._busy += time.perf_counter() - t
             stats = F.RoundStats(**round_stats)
             stats.pages_written = self._pages
