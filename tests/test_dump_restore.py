@@ -481,3 +481,41 @@ def test_pid_ns_restores_while_the_original_runs(rt, reaper):
         assert r.wait(10) == -signal.SIGTERM
     finally:
         ch2.close()
+
+
+def test_not_permitted_and_unwritable_dir(rt, tmp_path):
+    p, ch, tmp = rt
+    cli = [sys.executable, "-m", "checkpoint"]
+    import shutil
+    import tempfile
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if subprocess.run([*as_nobody, *cli, "--help"], capture_output=True, cwd="/").returncode:
+        pytest.skip("the engine cannot run as nobody from this checkout (directory modes): "
+                    "the not-permitted path is untested here")
+    shared = tempfile.mkdtemp(prefix="ck-nobody-", dir="/tmp")  # reachable by nobody
+    os.chmod(shared, 0o777)
+    try:
+        res = subprocess.run([*as_nobody, *cli, "pre-dump", "-t", str(p.pid), "-D", f"{shared}/img"],
+                             capture_output=True, text=True, cwd="/")
+    finally:
+        shutil.rmtree(shared)
+    assert res.returncode == 4, res.stderr
+    assert res.stderr.startswith(f"checkpoint: error: not permitted to ptrace process {p.pid}")
+    assert res.stderr.count("\n") == 1
+    # an images "dir" that is a file, and a read-only one
+    (tmp_path / "file").write_text("x")
+    res = subprocess.run([*cli, "pre-dump", "-t", str(p.pid), "-D", tmp_path / "file"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "is not a directory" in res.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        res = subprocess.run([*cli, "pre-dump", "-t", str(p.pid), "-D", ro],
+                             capture_output=True, text=True)
+        assert res.returncode == 1 and "not writable" in res.stderr, res.stderr
+    finally:
+        subprocess.run(["umount", str(ro)])
+    assert tracer_of(p.pid) == 0
+    check_ok(ch, p.pid)
