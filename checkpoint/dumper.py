@@ -23,7 +23,7 @@ import time
 from array import array
 from dataclasses import asdict, dataclass
 
-from .errors import CheckpointError, ImageError, TargetExited, UsageError
+from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
 from .freezer import FrozenProcess, freeze_process
 from .images import open_chain, open_layer_for_write
 from .images.format import KIND_DUMP, KIND_PREDUMP
@@ -92,7 +92,6 @@ class Checkpointer:
         #: dirty set was taken (an orchestrator's hook, like CRIU's action scripts)
         self.on_frozen = on_frozen
         self.tracker: Tracker | None = None
-        self._tracker_from: str = ""
         self._prepare_dir()
 
     # -- chain and tracker ---------------------------------------------------
@@ -282,8 +281,8 @@ class Checkpointer:
         buf = bytearray(READ_CHUNK)
         mv = memoryview(buf)
         try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = procfs.open_proc_fd(pid, "mem")
+        except NoSuchProcess:
             raise TargetExited(f"process {pid} exited during the dump", pid) from None
         progress.total(regions.data_pages)
         try:

@@ -25,6 +25,16 @@ def _proc_open_error(exc: OSError, pid: int, what: str):
     return exc
 
 
+def open_proc_fd(pid: int, name: str, flags: int = os.O_RDONLY) -> int:
+    """os.open of /proc/PID/<name> (close-on-exec), a vanished process as
+    NoSuchProcess and a refusal as PermissionDenied."""
+    path = f"/proc/{pid}/{name}"
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _proc_open_error(exc, pid, path) from None
+
+
 def _read_text(pid: int, name: str, tid: int | None = None) -> str:
     path = f"/proc/{pid}/{name}" if tid is None else f"/proc/{pid}/task/{tid}/{name}"
     try:

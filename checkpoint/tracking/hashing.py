@@ -15,15 +15,14 @@ reservation costs nothing. Serialisable with :meth:`state_bytes`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import struct
 from array import array
 from collections.abc import Iterable, Iterator
 
-from ..errors import CheckpointError, ImageError, NoSuchProcess
-from ..kernel.procfs import PAGE_SIZE, Vma
+from ..errors import CheckpointError, ImageError
+from ..kernel.procfs import PAGE_SIZE, Vma, open_proc_fd
 from .base import REGION_ZERO, DirtyBatch, Tracker, content_scan_kw, register, trackable
 from .scan import PAGE_SHIFT, PagemapScanner, make_batch
 
@@ -78,12 +77,7 @@ class HashTracker(Tracker):
         old = {} if full else self._chunks
         new: dict[int, array] = {}
         self.pages_hashed = 0
-        try:
-            memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESRCH):
-                raise NoSuchProcess(f"process {pid} does not exist", pid) from None
-            raise
+        memfd = open_proc_fd(pid, "mem")
         try:
             with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
                 for vma in vmas:

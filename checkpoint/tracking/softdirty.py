@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from ..errors import CheckpointError, KernelFeatureError, NoSuchProcess
 from ..kernel.pagemap import PAGE_IS_SOFT_DIRTY, PM_SOFT_DIRTY
-from ..kernel.procfs import PAGE_SIZE, Vma
+from ..kernel.procfs import PAGE_SIZE, Vma, open_proc_fd
 from .base import REGION_ZERO, DirtyBatch, Tracker, content_scan_kw, no_content_scan_kw, register, trackable
 from .scan import PagemapScanner, make_batch, pagemap_runs, probe_pagemap_scan, read_pagemap_entries
 
@@ -115,12 +115,7 @@ class SoftDirtyTracker(Tracker):
             yield from self._collect_classic(pid, vmas, full)
 
     def _collect_classic(self, pid: int, vmas: list[Vma], full: bool) -> Iterator[DirtyBatch]:
-        try:
-            fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESRCH):
-                raise NoSuchProcess(f"process {pid} does not exist", pid) from None
-            raise
+        fd = open_proc_fd(pid, "pagemap")
         try:
             for vma in vmas:
                 whole = full or vma.shared or self.is_new(vma)
