@@ -409,7 +409,7 @@ def test_wp_other_memory(target, kind):
         assert idx(pages_of(s.wp_get_and_clear(base, base + 512 * PS)), base) == set(range(1, 512, 3))
 
 
-ROUNDS = int(os.environ.get("SCAN_ROUNDS", "30"))
+ROUNDS = int(os.environ.get("SCAN_ROUNDS", "100"))  # the issue asks for 100
 
 
 def test_wp_random_rounds(target):
