@@ -33,6 +33,7 @@ from .inject import Injector, ProcMem
 from .kernel import procfs
 from .kernel.procfs import PAGE_SIZE
 from .objects import mm as mm_obj
+from .objects.files import dump_files
 from .objects import process as proc_obj
 from .objects import signals as sig_obj
 from .objects import threads as thr_obj
@@ -267,7 +268,6 @@ class Checkpointer:
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
         if final:
             out["core"] = cores
-            from .objects.files import dump_files
             parked = _engine_fds(self.tracker, pid)
             out["files"] = dump_files(proc, external=self.external_fds, exclude_fds=parked)
         out["_vmas"] = vmas

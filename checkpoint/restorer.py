@@ -43,6 +43,7 @@ from .kernel import procfs
 from .kernel import ptrace as pt
 from .kernel.syscalls import NR, clone_args, libc, raw_syscall
 from .objects import mm as mm_obj
+from .objects.files import restore_files
 from .objects.threads import restart_fixup
 
 PAGE = procfs.PAGE_SIZE
@@ -359,7 +360,6 @@ class _Builder:
             self._what = "signal dispositions"
             self._sigactions(r)
             self._what = "files"
-            from .objects.files import restore_files
             restore_files(r, rec["files"], inherit=self.inherit)
             self._what = "process attributes"
             self._process_attrs(r)
