@@ -233,8 +233,18 @@ def test_incremental_layer_holds_only_written_pages(rt, max_pages):
 def test_python_program_continues_with_its_state(tmp_path, reaper):
     ch = Channel()
     prog = textwrap.dedent("""
-        import hashlib, os, sys, threading, time
+        import hashlib, os, resource, signal, sys, threading, time
         data = bytearray(os.urandom(1 << 20)) * 24          # a 24 MiB heap
+        os.umask(0o027)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (321, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        open("/proc/self/comm", "w").write("ckpt-py")
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        def attrs():
+            u = os.umask(0o027)
+            comm = open("/proc/self/comm").read().strip()
+            return (u, resource.getrlimit(resource.RLIMIT_NOFILE)[0], comm,
+                    signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN)
+        want = attrs()
         digest = hashlib.sha256(data).hexdigest()
         f = open(sys.argv[1], "rb"); f.read(777)
         ticks = [0]
@@ -246,7 +256,8 @@ def test_python_program_continues_with_its_state(tmp_path, reaper):
         for line in sys.stdin:
             t0 = ticks[0]; time.sleep(0.2)
             ok = (hashlib.sha256(data).hexdigest() == digest and f.tell() == 777
-                  and ticks[0] > t0 and f.read(3) == b"xyz")
+                  and ticks[0] > t0 and f.read(3) == b"xyz" and attrs() == want
+                  and want == (0o027, 321, "ckpt-py", True))
             f.seek(777)
             print("STATE", "ok" if ok else "bad", os.getpid(), flush=True)
     """)
@@ -519,3 +530,19 @@ def test_not_permitted_and_unwritable_dir(rt, tmp_path):
         subprocess.run(["umount", str(ro)])
     assert tracer_of(p.pid) == 0
     check_ok(ch, p.pid)
+
+
+def test_another_kernels_vdso_is_refused(rt):
+    """check_images() compares the dumped vDSO with this kernel's: an image
+    whose [vdso] digest differs (another kernel) is refused up front."""
+    from checkpoint.restorer import check_images
+    p, ch, tmp = rt
+    with Checkpointer(p.pid, tmp / "img") as ck:
+        ck.dump(leave_running=True)
+    with open_chain(tmp / "img") as chain:
+        process = [m for _, m in chain.records("process")][0]
+        mm = [m for _, m in chain.records("mm")][0]
+    check_images(process, mm)  # this kernel: fine
+    process.vdso_digest = bytes(32)
+    with pytest.raises(RestoreError, match="another kernel's vDSO"):
+        check_images(process, mm)
