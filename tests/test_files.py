@@ -16,8 +16,8 @@ from checkpoint.freezer import freeze
 from checkpoint.images.pb import files_pb2
 from checkpoint.inject import Injector
 from checkpoint.kernel.syscalls import NR, raw_syscall
-from checkpoint.objects.files import (RestoreError, UnsupportedObject, dump_files,
-                                      restore_files, unpack_extra)
+from checkpoint.objects.files import (RestoreError, UnsupportedObject, dump_files, opt,
+                                      restore_files)
 
 TARGETS = os.path.join(os.path.dirname(__file__), "targets")
 TARGET = os.path.join(TARGETS, "files_target.py")
@@ -63,8 +63,13 @@ def by_fd(entry):
     return {e.fd: e for e in entry.fds}
 
 
-def meta(e) -> dict:
-    return unpack_extra(e.extra)[0]
+DETAILS = ("content", "ghost", "external", "kind", "pipe_size", "dup_of", "same_inode_as",
+              "memfd_name", "memfd_seals", "pty_master", "pty_index", "extra")
+
+
+def details(e) -> dict:
+    """The typed details an FdEntry carries (the fields set, by name)."""
+    return {f.name: v for f, v in e.ListFields() if f.name in DETAILS}
 
 
 # --------------------------------------------------------------------------
@@ -87,20 +92,20 @@ def test_dump_every_kind(spawn, tmp_path):
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     assert stat.S_ISREG(ro.mode)
     assert rw.pos == 200 and rw.flags & os.O_ACCMODE == os.O_RDWR and not rw.cloexec
-    assert meta(e[fds["rw_dup"]]) == {"dup_of": fds["rw"]}
+    assert details(e[fds["rw_dup"]]) == {"dup_of": fds["rw"]}
+    assert details(ro) == details(rw) == {} and opt(rw, "dup_of") is None
     assert app.flags & os.O_APPEND and app.flags & os.O_ACCMODE == os.O_WRONLY
     assert app.pos == 16
 
     ghost = e[fds["ghost"]]
-    gm, content = unpack_extra(ghost.extra)
     assert ghost.type == files_pb2.FD_REG and ghost.path == f"{d}/ghost.txt (deleted)"
-    assert gm["ghost"] and content == b"ghost content " * 10 and ghost.pos == 5
+    assert ghost.ghost and ghost.content == b"ghost content " * 10 and ghost.pos == 5
 
     pr, pw = e[fds["pipe_r"]], e[fds["pipe_w"]]
     assert pr.type == pw.type == files_pb2.FD_PIPE
     assert pr.pipe_id == pw.pipe_id and pr.path == f"pipe:[{pr.pipe_id}]"
     assert pr.pipe_data == PIPE_DATA and pw.pipe_data == b""
-    assert meta(pr)["pipe_size"] == meta(pw)["pipe_size"] == 128 * 1024
+    assert pr.pipe_size == pw.pipe_size == 128 * 1024
     assert pw.flags & os.O_NONBLOCK and pw.flags & os.O_ACCMODE == os.O_WRONLY
     assert e[fds["lone_r"]].pipe_data == b"tail data"
 
@@ -114,21 +119,37 @@ def test_dump_every_kind(spawn, tmp_path):
     assert e[fds["null"]].type == files_pb2.FD_DEVNULL and e[fds["null"]].path == "/dev/null"
     m, s = e[fds["pty_m"]], e[fds["pty_s"]]
     assert m.type == s.type == files_pb2.FD_TTY
-    assert meta(m)["pty_master"] and s.path == f"/dev/pts/{meta(m)['pty_index']}"
+    assert m.pty_master and not s.pty_master and m.HasField("pty_index")
+    assert s.path == f"/dev/pts/{m.pty_index}" and opt(s, "pty_index") == m.pty_index
 
     mfd = e[fds["memfd"]]
-    mm, mcontent = unpack_extra(mfd.extra)
     assert mfd.type == files_pb2.FD_MEMFD and mfd.path == "/memfd:files-test (deleted)"
-    assert mm["name"] == "files-test" and mcontent == b"memfd content" and mfd.pos == 3
-    assert mm["seals"] & 0x0002  # F_SEAL_SHRINK
+    assert mfd.memfd_name == "files-test" and mfd.content == b"memfd content" and mfd.pos == 3
+    assert mfd.memfd_seals & 0x0002  # F_SEAL_SHRINK
 
     dr = e[fds["dir"]]
     assert dr.type == files_pb2.FD_DIR and dr.path == d and stat.S_ISDIR(dr.mode)
+
+    # other descriptions of an inode name the first fd; nothing goes to extra
+    assert details(e[fds["opath"]]) == {"same_inode_as": fds["ro"]}
+    assert opt(fw, "same_inode_as") == fds["fifo_r"] and opt(fr, "same_inode_as") is None
+    assert opt(pw, "same_inode_as") == fds["pipe_r"] and not pw.HasField("dup_of")
+    assert all(x.extra == b"" for x in entry.fds)
 
     # tee(2) copied the pipe: the target reads exactly its data, nothing more
     t.send("readpipe\n")
     assert t.expect("pipe") == f"pipe {len(PIPE_DATA)} {hashlib.sha256(PIPE_DATA).hexdigest()}" \
                                " extra 0"
+
+
+def test_fd_references_keep_fd_0():
+    """dup_of / same_inode_as / pty_index use explicit presence: 0 is a value, not "none"."""
+    e = files_pb2.FdEntry(fd=5, dup_of=0, same_inode_as=0, pty_index=0)
+    back = files_pb2.FdEntry.FromString(e.SerializeToString())
+    assert (opt(back, "dup_of"), opt(back, "same_inode_as"), opt(back, "pty_index")) == (0, 0, 0)
+    bare = files_pb2.FdEntry.FromString(files_pb2.FdEntry(fd=5).SerializeToString())
+    assert (opt(bare, "dup_of"), opt(bare, "same_inode_as"), opt(bare, "pty_index")) == (
+        None, None, None)
 
 
 def test_dump_unsupported(spawn, tmp_path):
@@ -146,7 +167,7 @@ def test_dump_unsupported(spawn, tmp_path):
     for fd, kind in ((sock, "socket"), (efd, "eventfd")):
         e = by_fd(entry)[fd]
         assert e.type == files_pb2.FD_UNKNOWN and e.path == os.readlink(f"/proc/{t.pid}/fd/{fd}")
-        assert meta(e)["external"] and meta(e)["kind"] == kind
+        assert e.external and e.kind == kind and e.extra == b""
 
 
 def test_dump_content_cap(spawn, tmp_path):
@@ -253,7 +274,7 @@ def test_restore_external_fds_need_inherit(spawn, tmp_path):
     with pytest.raises(RestoreError, match=rf"fd {sock} \({re.escape(link)}\): was left external"):
         restore(p.pid, entry, inherit=STDIO)
     # the restorer hands in stand-ins: by link, or by fd number
-    others = [e.fd for e in entry.fds if meta(e).get("external") and e.fd != sock]
+    others = [e.fd for e in entry.fds if e.external and e.fd != sock]
     assert efd in others
     restore(p.pid, entry, inherit={**STDIO, link: 3, **{f"fd{fd}": 4 for fd in others}})
     got = report(p)["fds"]
@@ -274,3 +295,41 @@ def test_restore_keeps_the_placeholders_tty(spawn, tmp_path):
     finally:
         for fd in (m1, s1, m2, s2):
             os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# show
+
+
+def test_show_prints_the_fd_table(tmp_path, monkeypatch, capsys):
+    from checkpoint import cli
+    from checkpoint.images.pb import pstree_pb2
+    from checkpoint.images.writer import LayerWriter, LocalSink
+
+    files = files_pb2.FilesEntry(pid=7, cwd="/", root="/", umask=0o22, fds=[
+        files_pb2.FdEntry(fd=0, type=files_pb2.FD_DEVNULL, path="/dev/null"),
+        files_pb2.FdEntry(fd=3, type=files_pb2.FD_REG, path="/etc/hosts", pos=12,
+                          flags=os.O_RDWR | os.O_APPEND),
+        files_pb2.FdEntry(fd=4, type=files_pb2.FD_REG, path="/etc/hosts", dup_of=3),
+        files_pb2.FdEntry(fd=5, type=files_pb2.FD_UNKNOWN, path="socket:[9]", external=True,
+                          kind="socket")])
+    d = tmp_path / "img"
+    with LayerWriter(LocalSink(d, 0), index=0, kind="dump", tracker="full") as w:
+        w.add_record("pstree", pstree_pb2.PstreeEntry(pid=7, ppid=1, threads=[7]))
+        w.add_record("files", files)
+        w.add_pages(7, 0x10000, memoryview(b"x" * 4096))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["checkpoint.commands.images"])
+
+    assert cli.main(["show", "-D", str(d), "--json"]) == 0
+    proc = json.loads(capsys.readouterr().out)["processes"][0]
+    assert proc["pid"] == 7 and proc["fds"] == [
+        {"fd": 0, "type": "devnull", "path": "/dev/null", "pos": 0, "flags": 0},
+        {"fd": 3, "type": "reg", "path": "/etc/hosts", "pos": 12,
+         "flags": os.O_RDWR | os.O_APPEND},
+        {"fd": 4, "type": "reg", "path": "/etc/hosts", "pos": 0, "flags": 0},
+        {"fd": 5, "type": "unknown", "path": "socket:[9]", "pos": 0, "flags": 0}]
+
+    assert cli.main(["show", "-D", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "process 7 fds 4" in out
+    assert re.search(r"fd +3 reg +pos 12 +flags 0o2002 /etc/hosts", out)

@@ -61,13 +61,27 @@ def describe(images_dir: str) -> dict:
             proc = procs.setdefault(mm.pid, {"pid": mm.pid, "threads": [], "vmas": []})
             proc["vmas"] = [{"start": v.start, "end": v.end, "prot": v.prot, "path": v.path}
                             for v in mm.vmas]
+        for _, fe in chain.records("files"):
+            proc = procs.setdefault(fe.pid, {"pid": fe.pid, "threads": [], "vmas": []})
+            proc["fds"] = [_fd_info(f) for f in fe.fds]
         for pid in chain.pids():
             procs.setdefault(pid, {"pid": pid, "threads": [], "vmas": []})
+        for proc in procs.values():
+            proc.setdefault("fds", [])
         return {"dir": images_dir, "layers": layers,
                 "processes": [procs[p] for p in sorted(procs)],
                 "threads": sum(1 for _ in chain.records("core")),
                 "stale": [os.path.basename(p) for p in chain.stale],
                 "leftovers": [os.path.basename(p) for p in leftover_temps(images_dir)]}
+
+
+def _fd_info(f) -> dict:
+    """One FdEntry of the final layer's fd table, as `show` prints it."""
+    from ..images.pb import files_pb2
+
+    name = files_pb2.FdType.Name(f.type) if f.type in files_pb2.FdType.values() else str(f.type)
+    return {"fd": f.fd, "type": name.removeprefix("FD_").lower(), "path": f.path,
+            "pos": f.pos, "flags": f.flags}
 
 
 def _mib(n: int) -> str:
@@ -97,6 +111,12 @@ def cmd_show(args) -> int:
               f"vmas {len(p['vmas'])}")
     for v in (p for p in info["processes"] for p in p["vmas"]):
         print(f"      {v['start']:#x}-{v['end']:#x} prot {v['prot']} {v['path']}")
+    for p in info["processes"]:
+        if p["fds"]:
+            print(f"  process {p['pid']} fds {len(p['fds'])}")
+        for f in p["fds"]:
+            print(f"      fd {f['fd']:4d} {f['type']:8s} pos {f['pos']:<10d} "
+                  f"flags {f['flags']:#o} {f['path']}")
     for name in info["stale"]:
         print(f"  note: {name} was superseded by a squash and is ignored")
     for name in info["leftovers"]:

@@ -12,9 +12,11 @@ fifo.c, tty.c and memfd.c in one place):
     tty, pty              path, pty index                       inherit, keep placeholder's, new pair, reopen
     socket, anon inode    UnsupportedObject, or "external"      only through ``inherit``
 
-Details that FdEntry has no field for yet are serialised into ``FdEntry.extra``
-(see :func:`pack_extra`): a JSON object, then, for ghost files and memfds, a
-NUL byte and the content.
+Every detail is a typed FdEntry field (proto/files.proto, docs/image-format.md
+"Files record"): ``content``, ``ghost``, ``external``/``kind``, ``pipe_size``,
+``dup_of``/``same_inode_as`` (explicit presence: absent = none),
+``memfd_name``/``memfd_seals``, ``pty_master``/``pty_index``. ``extra`` is
+kept empty for future type-specific blobs.
 
 Several fds of the process that share one open file description (dup, fork)
 are found with kcmp(KCMP_FILE) at dump and restored with dup3, so they keep
@@ -28,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import stat
 import struct
@@ -90,18 +91,12 @@ _tee.restype = ctypes.c_ssize_t
 
 
 # --------------------------------------------------------------------------
-# FdEntry.extra: JSON details, then NUL + content for ghosts and memfds
+# FdEntry helpers
 
 
-def pack_extra(meta: dict, blob: bytes = b"") -> bytes:
-    """``extra`` of an FdEntry: JSON (never holds a raw NUL), then NUL + blob."""
-    head = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if meta else b""
-    return head + b"\0" + blob if blob else head
-
-
-def unpack_extra(raw: bytes) -> tuple[dict, bytes]:
-    head, sep, blob = bytes(raw).partition(b"\0")
-    return (json.loads(head) if head else {}), blob
+def opt(e: FdEntry, name: str) -> int | None:
+    """An ``optional`` field of ``e`` (dup_of, same_inode_as, pty_index), None if absent."""
+    return getattr(e, name) if e.HasField(name) else None
 
 
 def fd_keys(e: FdEntry) -> tuple[str, str]:
@@ -208,40 +203,38 @@ def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
         raise procfs._proc_open_error(exc, ctx.pid, ctx.fd_path(fd)) from None
     e.dev, e.inode, e.file_size, e.file_mtime_ns, e.mode = (
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
-    meta: dict = {}
     key = (st.st_dev, st.st_ino)
     for other in ctx.by_inode.get(key, ()):
         if ctx.same_description(other, fd):
-            meta["dup_of"] = other
+            e.dup_of = other
             break
     ctx.by_inode.setdefault(key, []).append(fd)
     first = ctx.first_of_inode.setdefault(key, fd)
-    if first != fd and "dup_of" not in meta:
-        meta["same_inode_as"] = first
+    if first != fd and not e.HasField("dup_of"):
+        e.same_inode_as = first
     carries_data = first == fd  # one copy of the content per inode
 
     kind = _kind(link)
-    blob = b""
     if kind not in ("pipe", "memfd", "file"):
-        return _unsupported(e, meta, kind, external)
+        return _unsupported(e, kind, external)
     if info.flags & os.O_PATH:
         e.type = files_pb2.FD_DIR if stat.S_ISDIR(st.st_mode) else files_pb2.FD_REG
     elif kind == "pipe" or stat.S_ISFIFO(st.st_mode):
         e.type = files_pb2.FD_PIPE if kind == "pipe" else files_pb2.FD_FIFO
         e.pipe_id = st.st_ino
-        data, meta["pipe_size"] = _peek_pipe(ctx, fd, link, carries_data)
-        e.pipe_data = data
+        e.pipe_data, e.pipe_size = _peek_pipe(ctx, fd, link, carries_data)
     elif kind == "memfd":
         e.type = files_pb2.FD_MEMFD
-        meta["name"] = _memfd_name(link)
+        e.memfd_name = _memfd_name(link)
         if carries_data:
-            blob, meta["seals"] = _read_content(ctx, fd, link, st.st_size, "memfd", seals=True)
+            e.content, e.memfd_seals = _read_content(ctx, fd, link, st.st_size, "memfd",
+                                                     seals=True)
     elif stat.S_ISREG(st.st_mode):
         e.type = files_pb2.FD_REG
         if st.st_nlink == 0 and link.endswith(" (deleted)"):
-            meta["ghost"] = True
+            e.ghost = True
             if carries_data:
-                blob, _ = _read_content(ctx, fd, link, st.st_size, "deleted file")
+                e.content, _ = _read_content(ctx, fd, link, st.st_size, "deleted file")
     elif stat.S_ISDIR(st.st_mode):
         e.type = files_pb2.FD_DIR
     elif stat.S_ISBLK(st.st_mode):
@@ -252,13 +245,13 @@ def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
         else:
             pty = _tty_details(ctx, fd)
             if pty is None:
-                return _unsupported(e, meta, "chardev", external)
+                return _unsupported(e, "chardev", external)
             e.type = files_pb2.FD_TTY
-            meta.update(pty)
+            e.pty_master, index = pty
+            if index is not None:
+                e.pty_index = index
     else:
-        return _unsupported(e, meta, "other", external)
-    if meta or blob:
-        e.extra = pack_extra(meta, blob)
+        return _unsupported(e, "other", external)
     return e
 
 
@@ -274,15 +267,15 @@ def _kind(link: str) -> str:
     return link.split(":", 1)[0] or "other"
 
 
-def _unsupported(e: FdEntry, meta: dict, kind: str, external: bool) -> FdEntry:
+def _unsupported(e: FdEntry, kind: str, external: bool) -> FdEntry:
     one, many = _KIND_NAMES.get(kind, (f"an anonymous inode ({kind})", f"{kind} fds"))
     if not external:
         raise UnsupportedObject(
             f"fd {e.fd} is {one} ({e.path}): {many} are not supported yet; pass"
             " --external-fds to leave it to the restore side (--inherit-fd)")
     e.type = files_pb2.FD_UNKNOWN
-    meta.update(external=True, kind=kind)
-    e.extra = pack_extra(meta)
+    e.external = True
+    e.kind = kind
     return e
 
 
@@ -348,23 +341,23 @@ def _unread(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
-def _tty_details(ctx: _DumpCtx, fd: int) -> dict | None:
-    """{"pty_master": bool, "pty_index": N} for a tty, None for another char device."""
+def _tty_details(ctx: _DumpCtx, fd: int) -> tuple[bool, int | None] | None:
+    """(pty master?, pty index or None) for a tty, None for another char device."""
     own = ctx.getfd(fd)
     try:
         if not os.isatty(own):
             return None
         try:
             idx = struct.unpack("I", fcntl.ioctl(own, TIOCGPTN, b"\0" * 4))[0]
-            return {"pty_master": True, "pty_index": idx}
+            return True, idx
         except OSError:
             pass  # not a pty master
     finally:
         os.close(own)
     link = os.readlink(ctx.fd_path(fd))
     if link.startswith("/dev/pts/") and link[len("/dev/pts/"):].isdigit():
-        return {"pty_index": int(link[len("/dev/pts/"):])}
-    return {}
+        return False, int(link[len("/dev/pts/"):])
+    return False, None
 
 
 # --------------------------------------------------------------------------
@@ -389,12 +382,22 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
 @dataclass
 class _Item:
     e: FdEntry
-    meta: dict
-    blob: bytes
 
     @property
     def fd(self) -> int:
         return self.e.fd
+
+    @property
+    def dup_of(self) -> int | None:
+        return opt(self.e, "dup_of")
+
+    @property
+    def same_inode_as(self) -> int | None:
+        return opt(self.e, "same_inode_as")
+
+    @property
+    def pty_index(self) -> int | None:
+        return opt(self.e, "pty_index")
 
 
 class _Restorer:
@@ -406,7 +409,7 @@ class _Restorer:
         self.inherit = inherit
         self.ghost_dir = ghost_dir
         self.keep = keep
-        self.items = [_Item(e, *unpack_extra(e.extra)) for e in entry.fds]
+        self.items = [_Item(e) for e in entry.fds]
         self.by_fd = {it.fd: it for it in self.items}
         self.needed = set(self.by_fd)
         self.base = max(self.needed | keep | {0}) + MOVE_MARGIN
@@ -509,9 +512,9 @@ class _Restorer:
             src = self.inherited_source(it)
             if src is not None:
                 self.place(src, it, close_tmp=False)
-            elif "dup_of" in it.meta:
+            elif it.dup_of is not None:
                 dups.append(it)
-            elif "same_inode_as" in it.meta or self.is_pty_peer(it):
+            elif it.same_inode_as is not None or self.is_pty_peer(it):
                 later.append(it)
             elif it.e.type in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):
                 key = (it.e.dev, it.e.pipe_id)
@@ -520,7 +523,7 @@ class _Restorer:
                     self.restore_pipe(it)
             else:
                 self.restore_one(it)
-        later.sort(key=lambda i: (not i.meta.get("pty_master"), i.fd))  # masters, then peers
+        later.sort(key=lambda i: (not i.e.pty_master, i.fd))  # masters, then peers
         for it in later:
             if it.fd not in self.placed:
                 self.restore_one(it)
@@ -544,11 +547,11 @@ class _Restorer:
         for it in self.items:
             if self.inherited_source(it) is not None:
                 continue
-            if it.meta.get("external") and "dup_of" not in it.meta:
+            if it.e.external and it.dup_of is None:
                 raise self.fail(it, "was left external at dump; give it with inherit"
                                     f" (--inherit-fd fd[N]:{it.e.path} or fd{it.fd})")
             if it.e.type in (files_pb2.FD_REG, files_pb2.FD_DIR, files_pb2.FD_FIFO) \
-                    and not it.meta.get("ghost") and "dup_of" not in it.meta:
+                    and not it.e.ghost and it.dup_of is None:
                 self.stage_len_ok(it)
                 try:
                     st = os.stat(it.e.path)
@@ -579,20 +582,19 @@ class _Restorer:
             self.moved[fd] = new
 
     def is_pty_peer(self, it: _Item) -> bool:
-        idx = it.meta.get("pty_index")
-        return (it.e.type == files_pb2.FD_TTY and not it.meta.get("pty_master")
-                and idx is not None and any(o.meta.get("pty_master")
-                                            and o.meta.get("pty_index") == idx
+        idx = it.pty_index
+        return (it.e.type == files_pb2.FD_TTY and not it.e.pty_master
+                and idx is not None and any(o.e.pty_master and o.pty_index == idx
                                             for o in self.items))
 
     # -- one kind each -------------------------------------------------------
 
     def restore_one(self, it: _Item) -> None:
         t = it.e.type
-        if "same_inode_as" in it.meta and t in (files_pb2.FD_REG, files_pb2.FD_MEMFD) \
-                and (it.meta.get("ghost") or t == files_pb2.FD_MEMFD):
+        if it.same_inode_as is not None and t in (files_pb2.FD_REG, files_pb2.FD_MEMFD) \
+                and (it.e.ghost or t == files_pb2.FD_MEMFD):
             return self.reopen_sibling(it)
-        if t == files_pb2.FD_REG and it.meta.get("ghost"):
+        if t == files_pb2.FD_REG and it.e.ghost:
             return self.restore_ghost(it)
         if t in (files_pb2.FD_REG, files_pb2.FD_DIR):
             fd = self.openat(it.e.path, it.e.flags, it)
@@ -615,7 +617,7 @@ class _Restorer:
 
     def reopen_sibling(self, it: _Item) -> None:
         """Another open file description of an inode already restored."""
-        first = it.meta.get("same_inode_as")
+        first = it.same_inode_as
         if first is None or first not in self.placed:
             raise self.fail(it, f"its inode was to be restored with fd {first}, which was not")
         fd = self.openat(f"/proc/self/fd/{first}", it.e.flags, it)
@@ -623,7 +625,7 @@ class _Restorer:
         self.place(fd, it)
 
     def restore_dup(self, it: _Item) -> None:
-        src = it.meta["dup_of"]
+        src = it.dup_of
         if src not in self.placed:
             raise self.fail(it, f"is a dup of fd {src}, which was not restored")
         self.call("dup3", src, it.fd, os.O_CLOEXEC if it.e.cloexec else 0, it=it)
@@ -633,7 +635,7 @@ class _Restorer:
         tfd, path = tempfile.mkstemp(prefix="ghost-", dir=self.ghost_dir)  # 0600
         try:
             with os.fdopen(tfd, "wb", closefd=False) as f:
-                f.write(it.blob)
+                f.write(it.e.content)
             fd = self.openat(path, it.e.flags, it)
             os.fchmod(tfd, stat.S_IMODE(it.e.mode) or 0o600)
         finally:
@@ -643,18 +645,18 @@ class _Restorer:
         self.place(fd, it)
 
     def restore_memfd(self, it: _Item) -> None:
-        name = it.meta.get("name", "")
+        name = it.e.memfd_name
         addr = self.stage(name[:249], it)
         fd = self.fresh(self.call("memfd_create", addr, MFD_CLOEXEC | MFD_ALLOW_SEALING, it=it))
-        if it.blob:
+        if it.e.content:
             wfd = os.open(f"/proc/{self.pid}/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.pwrite(wfd, it.blob, 0)
+                os.pwrite(wfd, it.e.content, 0)
                 os.ftruncate(wfd, it.e.file_size)
             finally:
                 os.close(wfd)
-        if it.meta.get("seals"):
-            self.call("fcntl", fd, F_ADD_SEALS, it.meta["seals"], it=it)
+        if it.e.memfd_seals:
+            self.call("fcntl", fd, F_ADD_SEALS, it.e.memfd_seals, it=it)
         mode = it.e.flags & os.O_ACCMODE
         if mode != os.O_RDWR:  # memfd_create gives O_RDWR: reopen with the saved mode
             fd2 = self.openat(f"/proc/self/fd/{fd}", it.e.flags, it)
@@ -670,10 +672,10 @@ class _Restorer:
         other descriptions and its content come with it."""
         key = (it.e.dev, it.e.pipe_id)
         group = [o for o in self.items if (o.e.dev, o.e.pipe_id) == key
-                 and o.e.type == it.e.type and "dup_of" not in o.meta
+                 and o.e.type == it.e.type and o.dup_of is None
                  and self.inherited_source(o) is None]
         data = next((o.e.pipe_data for o in group if o.e.pipe_data), b"")
-        size = next((o.meta["pipe_size"] for o in group if "pipe_size" in o.meta), 0)
+        size = next((o.e.pipe_size for o in group if o.e.pipe_size), 0)
         if it.e.type == files_pb2.FD_PIPE:
             addr = self.r.scratch
             created = os.O_DIRECT if any(o.e.flags & os.O_DIRECT for o in group) else 0
@@ -737,15 +739,16 @@ class _Restorer:
 
     def restore_tty(self, it: _Item) -> None:
         e = it.e
-        if it.meta.get("pty_master"):
+        if e.pty_master:
             fd = self.openat(e.path, e.flags | os.O_NOCTTY, it)
             scratch = self.r.scratch
             self.r.write(scratch, b"\0\0\0\0")
             self.call("ioctl", fd, TIOCSPTLCK, scratch, it=it)
-            self.pty_new_index[it.meta["pty_index"]] = e.fd
+            if it.pty_index is not None:
+                self.pty_new_index[it.pty_index] = e.fd
             return self.place(fd, it)
-        idx = it.meta.get("pty_index")
-        if idx in self.pty_new_index:  # the slave of a master restored above
+        idx = it.pty_index
+        if idx is not None and idx in self.pty_new_index:  # the slave of a master restored above
             master = self.pty_new_index[idx]
             flags = reopen_flags(e.flags) | os.O_NOCTTY | os.O_CLOEXEC
             fd = self.fresh(self.call("ioctl", master, TIOCGPTPEER, flags, it=it))
