@@ -107,6 +107,7 @@ class FrozenProcess:
 
     def _freeze(self) -> None:
         t0 = time.perf_counter()
+        self._wait_out_uninterruptible()
         while True:
             new = [t for t in procfs.list_tasks(self.pid)
                    if t not in self.threads and t not in self.gone]
@@ -122,6 +123,23 @@ class FrozenProcess:
         if not self.threads:
             raise TargetExited(f"process {self.pid} exited while being frozen", self.pid)
         self.freezing_ms = (time.perf_counter() - t0) * 1e3
+
+    def _wait_out_uninterruptible(self) -> None:
+        """A thread in uninterruptible sleep (a vfork parent, a stuck NFS
+        read...) cannot reach an interrupt stop, and a seized thread that
+        is not stopped cannot be detached: give such threads up to the
+        timeout to wake, then refuse before touching anything."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            stuck = [t for t in procfs.list_tasks(self.pid) if _task_state(t) == "D"]
+            if not stuck:
+                return
+            if time.monotonic() > deadline:
+                raise FreezeError(f"thread {stuck[0]} of process {self.pid} stays in "
+                                  "uninterruptible sleep (state D: in vfork, or waiting on "
+                                  f"I/O) for {self.timeout:g}s; nothing was touched, try again",
+                                  self.pid)
+            time.sleep(0.005)
 
     def _seize(self, tid: int) -> bool:
         try:

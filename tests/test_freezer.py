@@ -299,3 +299,16 @@ def test_engine_killed_mid_freeze_leaves_target_running(busy, spawn, python_exe,
     assert_released(busy.pid)
     after = wait_progress(busy, before, KEYS)
     assert after["errors"] == 0
+
+
+def test_uninterruptible_thread_is_refused_untouched(spawn):
+    t = spawn([build_target("vforker"), "1.5"])
+    t.expect("READY")
+    time.sleep(0.1)
+    assert proc_state(t.pid) == "D"
+    t0 = time.monotonic()
+    with pytest.raises(FreezeError, match="uninterruptible sleep"):
+        freeze_process(t.pid, timeout=0.3)
+    assert time.monotonic() - t0 < 1.0
+    assert tracer_of(t.pid) == 0
+    assert t.expect("DONE", timeout=5) == "DONE"  # it went on, never stopped
