@@ -180,7 +180,7 @@ def _boottime_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-_FRAME = object()      # marks a queued frame: (_FRAME, data, raw, offset, seed)
+_FRAME = object()   # marks a queued frame: (_FRAME, data, raw, offset, seed, more buffers)
 
 
 class _Writeback:
@@ -249,10 +249,10 @@ class _Writeback:
                 continue
             try:
                 if item[0] is _FRAME:
-                    _, data, raw, pos, seed = item
+                    _, data, raw, pos, seed, tail = item
                     head = F.pack_block_header(F.BT_FRAME, len(data), raw, zlib.crc32(data),
                                                pos, seed)
-                    sink.write((head, data))
+                    sink.write((head, data) + tail)
                 else:
                     sink.write(item)
             except BaseException as exc:    # handed to the caller's thread
@@ -513,19 +513,25 @@ class LayerWriter:
                 self._free.append(owned)
 
     def _write_frame(self, raw: int, compressed, entries: list) -> None:
+        """Queue a FRAME block and its PAGEMAP as one write."""
         data, crc = compressed
-        frame_no = len(self._frames)
-        self._frames.append(self._pos)
-        if crc is None:     # the I/O thread computes the CRC and the block header
-            self._io.put((_FRAME, data, raw, self._pos, self._seed))
-            self._pos += F.BLOCK_HEADER_SIZE + len(data)
-        else:
-            head = F.pack_block_header(F.BT_FRAME, len(data), raw, crc, self._pos, self._seed)
-            self._write(head, data)
+        pos = self._pos
+        self._frames.append(pos)
+        self._pos += F.BLOCK_HEADER_SIZE + len(data)
         self._bytes_stored += len(data)
-        self._write_pagemap(frame_no, entries)
+        pagemap = self._pagemap_block(len(self._frames) - 1, entries)
+        if crc is None:     # the I/O thread computes the CRC and the block header
+            self._io.put((_FRAME, data, raw, pos, self._seed, pagemap))
+        else:
+            head = F.pack_block_header(F.BT_FRAME, len(data), raw, crc, pos, self._seed)
+            self._io.put((head, data) + pagemap)
 
     def _write_pagemap(self, frame_no: int | None, entries: list) -> None:
+        self._io.put(self._pagemap_block(frame_no, entries))
+
+    def _pagemap_block(self, frame_no: int | None, entries: list) -> tuple[bytes, bytes]:
+        """The PAGEMAP block (with the pending zero entries) at the current
+        position, as (header, payload); the position advances past it."""
         zeros, self._zeros = self._zeros, []
         pm = F.PagemapBlock()
         if frame_no is not None:
@@ -537,12 +543,16 @@ class LayerWriter:
                 pm.npages.append(npages)
                 pm.flags.append(flag)
         self._pagemaps.append(self._pos)
-        self._block(F.BT_PAGEMAP, pm.SerializeToString())
+        return self._block_bytes(F.BT_PAGEMAP, pm.SerializeToString())
 
-    def _block(self, btype: int, payload: bytes, aux: int = 0) -> None:
+    def _block_bytes(self, btype: int, payload: bytes, aux: int = 0) -> tuple[bytes, bytes]:
         head = F.pack_block_header(btype, len(payload), aux, zlib.crc32(payload),
                                    self._pos, self._seed)
-        self._write(head, payload)
+        self._pos += len(head) + len(payload)
+        return head, payload
+
+    def _block(self, btype: int, payload: bytes, aux: int = 0) -> None:
+        self._io.put(self._block_bytes(btype, payload, aux))
 
     def _write(self, *buffers) -> None:
         self._io.put(buffers)
