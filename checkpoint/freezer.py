@@ -16,12 +16,15 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import (CheckpointError, FreezeError, Interrupted, NoSuchProcess,
                      PermissionDenied, TargetError, TargetExited)
 from .kernel import procfs
 from .kernel import ptrace as pt
+
+if TYPE_CHECKING:
+    from .kernel.mem import ProcMem
 
 SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
 DEFAULT_TIMEOUT = 5.0
@@ -98,6 +101,15 @@ class FrozenProcess:
     gone: set[int] = field(default_factory=set)
     freezing_ms: float = 0.0
     _gadget: int | None = None
+    _mem: "ProcMem | None" = None
+
+    @property
+    def mem(self) -> "ProcMem":
+        """/proc/PID/mem of the frozen process, opened once, closed on thaw."""
+        if self._mem is None:
+            from .kernel.mem import ProcMem
+            self._mem = ProcMem(self.pid)
+        return self._mem
 
     @property
     def tids(self) -> list[int]:
@@ -248,6 +260,9 @@ class FrozenProcess:
 
     def thaw(self) -> None:
         """Detach every thread; never raises for threads that died meanwhile."""
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
         with deferred_signals():
             errors = []
             for tid in sorted(self.threads, key=lambda t: t == self.pid):
@@ -263,6 +278,9 @@ class FrozenProcess:
     def kill(self) -> None:
         """SIGKILL the frozen process and wait until every thread is gone (it
         never runs again: nothing it does after a dump can be lost)."""
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
         with deferred_signals():
             try:
                 os.kill(self.pid, signal.SIGKILL)

@@ -33,6 +33,7 @@ from .errors import InjectionError, TargetExited
 from .freezer import FrozenProcess, deferred_signals, wait_stop
 from .kernel import procfs
 from .kernel import ptrace as pt
+from .kernel.mem import ProcMem  # noqa: F401  (re-exported)
 from .kernel.syscalls import NR, SYSCALL_NAME
 
 PAGE_SIZE = procfs.PAGE_SIZE
@@ -51,38 +52,6 @@ def _u64(v: int) -> int:
 
 def _s64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
-
-
-class ProcMem:
-    """/proc/PID/mem opened once: reads and writes any mapping (even PROT_NONE
-    and read-only ones, as the kernel forces access for a ptracer)."""
-
-    def __init__(self, pid: int, writable: bool = True):
-        self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR if writable else os.O_RDONLY)
-        except FileNotFoundError:
-            raise TargetExited(f"process {pid} exited", pid) from None
-
-    def read(self, addr: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, addr)
-        if len(data) != size:
-            raise InjectionError(f"short read of {size} bytes at {addr:#x} in process {self.pid}",
-                                 self.pid)
-        return data
-
-    def readinto(self, addr: int, buf) -> int:
-        return os.preadv(self.fd, [buf], addr)
-
-    def write(self, addr: int, data) -> None:
-        n = os.pwrite(self.fd, data, addr)
-        if n != len(data):
-            raise InjectionError(f"short write at {addr:#x} in process {self.pid}", self.pid)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def find_syscall_gadget(pid: int, mem: ProcMem, vmas: Iterable[procfs.Vma] | None = None) -> int:
@@ -136,7 +105,7 @@ class Injector:
                 raise self._gone_or(exc, "saving registers") from None
             self.thread.injected = True
         try:
-            self.mem = ProcMem(self.proc.pid)
+            self.mem = self.proc.mem
             if self.proc._gadget is None:
                 self.proc._gadget = find_syscall_gadget(self.proc.pid, self.mem)
         except BaseException:
@@ -156,8 +125,6 @@ class Injector:
                 self._restore()
             finally:
                 self.thread.injected = False
-                if self.mem is not None:
-                    self.mem.close()
 
     def _restore(self) -> None:
         """Park the thread in an interrupt stop, then put back regs, xstate, mask."""
