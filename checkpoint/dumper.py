@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
 from .freezer import FrozenProcess, freeze_process
-from .images import open_chain, open_layer_for_write
+from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
 from .images.format import KIND_DUMP, KIND_PREDUMP
 from .images.pb import tracking_pb2
 from .images.reader import list_layers
@@ -41,6 +41,7 @@ from .progress import Progress
 from .tracking.base import (REGION_ZERO, Tracker, choose_tracker, content_scan_kw, trackable,
                             vma_key)
 from .kernel.pagemap import PAGE_IS_PRESENT
+from .kernel.syscalls import IOV_MAX, process_vm_readv_scatter
 from .tracking.scan import PagemapScanner, batch_pages
 
 READ_CHUNK = 1 << 20
@@ -75,7 +76,7 @@ class Checkpointer:
     """Checkpoint rounds of one process into one images directory."""
 
     def __init__(self, pid: int, images_dir: str | os.PathLike, *, track: str = "auto",
-                 compress_level: int = 1, threads: int = 1, max_pages: int = 0,
+                 compress_level: int = 1, threads: int = 0, max_pages: int = 0,
                  external_fds: bool = False, progress: bool | None = None,
                  freeze_timeout: float = 5.0, on_frozen=None):
         if not isinstance(pid, int) or pid <= 0:
@@ -93,6 +94,7 @@ class Checkpointer:
         #: dirty set was taken (an orchestrator's hook, like CRIU's action scripts)
         self.on_frozen = on_frozen
         self.tracker: Tracker | None = None
+        self._last = None  # (path, (ino, size, mtime_ns), ParentRef) of the layer we wrote last
         self._prepare_dir()
 
     # -- chain and tracker ---------------------------------------------------
@@ -110,8 +112,45 @@ class Checkpointer:
         if not os.access(d, os.W_OK | os.X_OK):
             raise CheckpointError(f"images directory {d} is not writable")
 
+    def _open_writer(self, kind: str, tracker: str) -> LayerWriter:
+        """The writer of the next layer. When this Checkpointer wrote the top
+        layer itself and it is untouched (same file, size, mtime, nothing
+        newer), the chain needs no new validation: only a layer of ours
+        follows it."""
+        # auto: a final dump compresses with every core (the target is frozen
+        # and waits for it); a pre-dump leaves the running target its CPU
+        threads = self.threads or ((os.cpu_count() or 1) if kind == KIND_DUMP else 1)
+        last = self._last
+        if last is not None:
+            path, ident, ref = last
+            layers = list_layers(self.images_dir)
+            try:
+                st = os.stat(path)
+                same = (st.st_ino, st.st_size, st.st_mtime_ns) == ident
+            except OSError:
+                same = False
+            if same and layers and max(layers) == ref.index:
+                sink = LocalSink(self.images_dir, ref.index + 1)
+                try:
+                    return LayerWriter(sink, index=ref.index + 1, kind=kind, parent=ref,
+                                       tracker=tracker, level=self.level, threads=threads)
+                except BaseException:
+                    sink.abort()
+                    raise
+        self._last = None
+        return open_layer_for_write(self.images_dir, kind=kind, tracker=tracker,
+                                    level=self.level, threads=threads)
+
+    def _remember(self, st) -> None:
+        s = os.stat(st.path)
+        self._last = (st.path, (s.st_ino, s.st_size, s.st_mtime_ns),
+                      ParentRef(st.layer_id, st.header_digest, st.index))
+
     def _load_chain_state(self) -> None:
         """Check the chain belongs to this very process; take its tracker state."""
+        if self._last is not None and self.tracker is not None and \
+                self.tracker.name == choose_tracker(self.track).name:
+            return  # our own previous round: checked then (_open_writer re-checks the file)
         target_start = proc_obj.start_time(self.pid)
         tracker_cls = choose_tracker(self.track)
         saved = None
@@ -155,8 +194,7 @@ class Checkpointer:
         self._load_chain_state()
         tracker = self.tracker
         kind = KIND_DUMP if final else KIND_PREDUMP
-        writer = open_layer_for_write(self.images_dir, kind=kind, tracker=tracker.name,
-                                      level=self.level, threads=self.threads)
+        writer = self._open_writer(kind, tracker.name)
         progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
         proc: FrozenProcess | None = None
         try:
@@ -187,8 +225,6 @@ class Checkpointer:
                 t_mem = time.perf_counter()
                 mem_ms = self._write_pages(writer, regions, progress)
                 present = 0 if full_reason else _count_present(self.pid, vmas)
-                if final:
-                    frozen_ms = (time.perf_counter() - t_frozen) * 1e3
             except BaseException:
                 if proc.threads:
                     proc.thaw()
@@ -199,10 +235,14 @@ class Checkpointer:
             pages_scanned = sum(v.pages for v in vmas if trackable(v))
             skipped = max(0, present - regions.data_pages)
             write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
+            if final:  # still frozen; the layer's record stops short of its own publication
+                frozen_ms = (time.perf_counter() - t_frozen) * 1e3
             st = writer.close(freezing_ms=proc.freezing_ms, frozen_ms=frozen_ms,
                               memdump_ms=mem_ms, memwrite_ms=write_ms,
                               pages_scanned=pages_scanned, pages_skipped_parent=skipped)
             write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
+            if final:  # the whole window, publication (fsync, rename) included
+                frozen_ms = (time.perf_counter() - t_frozen) * 1e3
         except OSError as exc:
             writer.abort()
             if proc is not None and proc.threads:
@@ -230,6 +270,8 @@ class Checkpointer:
             else:
                 proc.kill()
                 log.info("killed %d", self.pid)
+        else:
+            self._remember(st)
         return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
                          full_reason=full_reason, freezing_ms=proc.freezing_ms,
                          frozen_ms=frozen_ms, memdump_ms=mem_ms, memwrite_ms=write_ms,
@@ -275,8 +317,10 @@ class Checkpointer:
 
     def _write_pages(self, writer, regions: "Regions", progress: "Progress") -> float:
         """Read the data regions from the target and feed them to the writer,
-        in address order, zero regions as zero. Returns ms spent reading."""
-        read_s = 0.0
+        in address order, zero regions as zero. Scattered regions are read
+        together: one process_vm_readv for up to IOV_MAX of them (1 MiB at
+        most), falling back to /proc/PID/mem for what it cannot read
+        (PROT_NONE pages). Returns ms spent reading."""
         pid = self.pid
         buf = bytearray(READ_CHUNK)
         mv = memoryview(buf)
@@ -285,25 +329,51 @@ class Checkpointer:
         except NoSuchProcess:
             raise TargetExited(f"process {pid} exited during the dump", pid) from None
         progress.total(regions.data_pages)
+        read_s = 0.0
+        runs: list[tuple[int, int]] = []  # (addr, npages) of the pending batch
+        iov = array("Q")
+        fill = 0
+
+        def flush() -> None:
+            nonlocal fill, read_s
+            if not runs:
+                return
+            t = time.perf_counter()
+            try:
+                got = process_vm_readv_scatter(pid, mv[:fill], iov)
+            except OSError:
+                got = -1
+            if got != fill:  # some range not readable that way: the slow, sure path
+                o = 0
+                for a, n in runs:
+                    if os.preadv(fd, [mv[o:o + n * PAGE_SIZE]], a) != n * PAGE_SIZE:
+                        raise TargetExited(f"process {pid}: memory at {a:#x} vanished during "
+                                           "the dump", pid)
+                    o += n * PAGE_SIZE
+            read_s += time.perf_counter() - t
+            writer.add_page_runs(pid, runs, mv[:fill])
+            progress.advance(fill // PAGE_SIZE)
+            runs.clear()
+            del iov[:]
+            fill = 0
+
         try:
             rows = regions.rows
             for i in range(0, len(rows), 3):
                 s, e, f = rows[i], rows[i + 1], rows[i + 2]
                 if f & REGION_ZERO:
+                    flush()
                     writer.add_zero(pid, s, (e - s) // PAGE_SIZE)
                     continue
-                a = s
-                while a < e:
-                    n = min(READ_CHUNK, e - a)
-                    t = time.perf_counter()
-                    got = os.preadv(fd, [mv[:n]], a)
-                    read_s += time.perf_counter() - t
-                    if got != n:
-                        raise TargetExited(f"process {pid}: memory at {a:#x} vanished during "
-                                           "the dump", pid)
-                    writer.add_pages(pid, a, mv[:n])
-                    progress.advance(n // PAGE_SIZE)
-                    a += n
+                while s < e:
+                    n = min(e - s, READ_CHUNK - fill)
+                    runs.append((s, n // PAGE_SIZE))
+                    iov.extend((s, n))
+                    fill += n
+                    s += n
+                    if fill == READ_CHUNK or len(runs) == IOV_MAX:
+                        flush()
+            flush()
         finally:
             os.close(fd)
         return read_s * 1e3
@@ -329,26 +399,43 @@ class Regions:
 
 
 def _collect(tracker: Tracker, pid: int, vmas: list[procfs.Vma]) -> Regions:
-    """Run the tracker; sort each VMA's regions; mark the pages of VMAs
-    reported whole that have no content as zero (so older layers' pages at
-    those addresses never come back)."""
+    """Run the tracker and lay its regions out in address order, as flat
+    (start, end, flags) triples: no Python object per region on the common
+    path. VMAs reported whole get their pages without content marked zero
+    (so older layers' pages at those addresses never come back); VMAs whose
+    pages may live outside the process's page tables (shared anonymous
+    memory, memfd, deleted files) are taken whole, as data."""
     out = Regions()
-    per_vma: dict[tuple, list] = {}
+    per_vma: dict[tuple, list[bytes]] = {}
     for batch in tracker.collect(pid, vmas):
-        per_vma.setdefault(vma_key(batch.vma), []).extend(
-            (s, e, REGION_ZERO if f & REGION_ZERO else 0) for s, e, f in batch.regions.tolist())
+        # batches are views over the scanner's reused vector: copy them out
+        per_vma.setdefault(vma_key(batch.vma), []).append(batch.regions.tobytes())
     for v in vmas:
+        if v.path in mm_obj.SPECIAL or mm_obj.content_in_file(v) or not trackable(v):
+            continue
+        if mm_obj.taken_whole(v):
+            out.rows.extend((v.start, v.end, 0))
+            out.data_pages += v.pages
+            continue
         key = vma_key(v)
-        if v.path in mm_obj.SPECIAL or mm_obj.content_in_file(v):
-            continue  # the kernel's pages; or a shared file mapping: the file has them
-        rows = sorted(per_vma.get(key, ()))
+        rows = array("Q")
+        for chunk in per_vma.get(key, ()):
+            rows.frombytes(chunk)
+        starts = rows[0::3]
+        if len(starts) > 1 and starts != array("Q", sorted(starts)):
+            trip = sorted(zip(starts, rows[1::3], rows[2::3]))
+            rows = array("Q", [x for t in trip for x in t])
         if key in tracker.whole_vmas:
-            rows = _fill_gaps(v, rows)
-        for s, e, f in rows:
-            out.rows.extend((s, e, f))
-            if not f & REGION_ZERO:
-                out.data_pages += (e - s) // PAGE_SIZE
+            rows = array("Q", [x for t in _fill_gaps(v, _triples(rows)) for x in t])
+        out.rows.extend(rows)
+        zero = sum(e - s for s, e, f in _triples(rows) if f & REGION_ZERO) \
+            if any(f & REGION_ZERO for f in rows[2::3]) else 0
+        out.data_pages += (sum(rows[1::3]) - sum(rows[0::3]) - zero) // PAGE_SIZE
     return out
+
+
+def _triples(rows: array):
+    return zip(rows[0::3], rows[1::3], rows[2::3])
 
 
 def _fill_gaps(v: procfs.Vma, rows: list) -> list:

@@ -17,8 +17,9 @@ def _common(p) -> None:
                    help="dirty-page tracker (default: the best this kernel offers)")
     p.add_argument("--compress-level", type=int, default=1, metavar="N",
                    help="zstd level (default 1)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="compression threads (default 1)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compression threads (default: 1 for pre-dump, every core for the "
+                        "final dump, while the target is frozen)")
     p.add_argument("--max-pages", type=int, default=0, metavar="N",
                    help="PAGEMAP_SCAN page budget per call (0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")

@@ -80,6 +80,21 @@ def process_vm_writev(pid: int, buf: bytearray | memoryview, remote_addr: int) -
     return _vm_rw(NR["process_vm_writev"], pid, memoryview(buf), remote_addr)
 
 
+IOV_MAX = 1024
+
+
+def process_vm_readv_scatter(pid: int, buf, remote: "array") -> int:
+    """Read many remote ranges of ``pid`` into ``buf`` back to back in one
+    call. ``remote`` is an ``array('Q')`` of (address, length) pairs (the
+    layout of ``struct iovec[]``), at most IOV_MAX pairs. Returns the bytes
+    read: less than asked when a range is not readable (e.g. PROT_NONE)."""
+    mv = memoryview(buf)
+    local = (ctypes.c_char * len(mv)).from_buffer(mv)
+    liov = iovec(ctypes.addressof(local), len(mv))
+    addr, n = remote.buffer_info()
+    return raw_syscall(NR["process_vm_readv"], pid, ctypes.addressof(liov), 1, addr, n // 2, 0)
+
+
 class clone_args(ctypes.Structure):  # include/uapi/linux/sched.h (CLONE_ARGS_SIZE_VER2)
     _fields_ = [
         ("flags", ctypes.c_uint64),

@@ -29,6 +29,13 @@ def content_in_file(v: procfs.Vma) -> bool:
     return v.shared and v.is_file and not v.deleted and not v.path.startswith("/memfd:")
 
 
+def taken_whole(v: procfs.Vma) -> bool:
+    """VMAs dumped whole, every page as data, every round: shared anonymous
+    memory and memfds (pages of the object need not be in this process's page
+    tables), and mappings of deleted files (the restore has no file to map)."""
+    return v.is_shared_anon or v.path.startswith("/memfd:") or (v.is_file and v.deleted)
+
+
 def vma_prot(v: procfs.Vma) -> int:
     return ((PROT_READ if v.readable else 0) | (PROT_WRITE if v.writable else 0)
             | (PROT_EXEC if v.executable else 0))
