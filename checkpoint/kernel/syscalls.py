@@ -63,21 +63,42 @@ class iovec(ctypes.Structure):  # include/uapi/linux/uio.h
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _vm_rw(nr: int, pid: int, local: memoryview, remote_addr: int) -> int:
-    buf = (ctypes.c_char * len(local)).from_buffer(local)
-    liov = iovec(ctypes.addressof(buf), len(local))
-    riov = iovec(remote_addr, len(local))
-    return raw_syscall(nr, pid, ctypes.addressof(liov), 1, ctypes.addressof(riov), 1, 0)
+class Py_buffer(ctypes.Structure):  # Include/pybuffer.h
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
-def process_vm_readv(pid: int, buf: bytearray | memoryview, remote_addr: int) -> int:
-    """Read len(buf) bytes of ``pid`` at ``remote_addr`` into ``buf``."""
-    return _vm_rw(NR["process_vm_readv"], pid, memoryview(buf), remote_addr)
+_GetBuffer = ctypes.pythonapi.PyObject_GetBuffer
+_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(Py_buffer), ctypes.c_int]
+_ReleaseBuffer = ctypes.pythonapi.PyBuffer_Release
+_ReleaseBuffer.argtypes = [ctypes.POINTER(Py_buffer)]
 
 
-def process_vm_writev(pid: int, buf: bytearray | memoryview, remote_addr: int) -> int:
-    """Write ``buf`` into ``pid`` at ``remote_addr`` (buf must be writable memory)."""
-    return _vm_rw(NR["process_vm_writev"], pid, memoryview(buf), remote_addr)
+def _vm_rw(nr: int, pid: int, local, remote_addr: int) -> int:
+    """process_vm_readv/writev of one contiguous buffer. The buffer is
+    pinned with PyObject_GetBuffer, so read-only ones (bytes) work for
+    writev without a copy."""
+    view = Py_buffer()
+    _GetBuffer(local, ctypes.byref(view), 1 if nr == NR["process_vm_readv"] else 0)
+    try:
+        liov = iovec(view.buf, view.len)
+        riov = iovec(remote_addr, view.len)
+        return raw_syscall(nr, pid, ctypes.addressof(liov), 1, ctypes.addressof(riov), 1, 0)
+    finally:
+        _ReleaseBuffer(ctypes.byref(view))
+
+
+def process_vm_readv(pid: int, buf, remote_addr: int) -> int:
+    """Read len(buf) bytes of ``pid`` at ``remote_addr`` into ``buf`` (writable)."""
+    return _vm_rw(NR["process_vm_readv"], pid, buf, remote_addr)
+
+
+def process_vm_writev(pid: int, buf, remote_addr: int) -> int:
+    """Write ``buf`` (any contiguous buffer, bytes too) into ``pid`` at ``remote_addr``."""
+    return _vm_rw(NR["process_vm_writev"], pid, buf, remote_addr)
 
 
 IOV_MAX = 1024

@@ -69,12 +69,43 @@ def _flat(batch: memoryview) -> memoryview:
 
 
 def batch_pages(batch: memoryview) -> int:
-    """Number of pages in a batch: sum(end) - sum(start), summed in C, no
-    Python loop per region."""
-    if batch_rows(batch) == 0:
-        return 0
-    flat = _flat(batch)
-    return (sum(flat[1::3]) - sum(flat[0::3])) >> PAGE_SHIFT
+    """Number of pages in a batch: sum(end) - sum(start), no Python loop per
+    region (see :func:`_rows_pages`)."""
+    n = batch_rows(batch)
+    return _rows_pages(_flat(batch), n) if n else 0
+
+
+_U64 = (1 << 64) - 1
+_FOLD_MIN_ROWS = 128  # below this, sum() over the two columns is cheaper
+_FOLD_MASKS: dict[int, int] = {}
+
+
+def _rows_pages(flat: memoryview, n: int) -> int:
+    """Pages in the first ``n`` rows of a flat 'Q' view of (start, end, cat).
+
+    Small batches: ``sum(ends) - sum(starts)`` (one Python int per value).
+    Large ones (about 30 % faster at 1,024 rows): the two columns become two
+    integers in base 2**64, ``D = ends - starts``, whose base-2**64 digits
+    are exactly the region lengths (each ``end > start``: no borrow); their
+    sum is ``D mod (2**64 - 1)``, found by folding ``D`` in halves on digit
+    boundaries (``hi * B**h + lo == hi + lo`` mod ``B - 1``). The total is
+    below ``2**64 - 1`` (disjoint ranges of a 64-bit space), so it is exact.
+    """
+    if n < _FOLD_MIN_ROWS:
+        return (sum(flat[1:3 * n:3]) - sum(flat[0:3 * n:3])) >> PAGE_SHIFT
+    d = (int.from_bytes(flat[1:3 * n:3].tobytes(), "little")
+         - int.from_bytes(flat[0:3 * n:3].tobytes(), "little"))
+    k = n  # d < 2**(64 * k)
+    while k > 1:
+        sh = (k >> 1) << 6
+        m = _FOLD_MASKS.get(sh)
+        if m is None:
+            m = _FOLD_MASKS[sh] = (1 << sh) - 1
+        d = (d >> sh) + (d & m)
+        k = max(k - (k >> 1), (d.bit_length() + 63) >> 6)
+    while d > _U64:
+        d = (d >> 64) + (d & _U64)
+    return d >> PAGE_SHIFT
 
 
 def make_batch(rows: Iterable[tuple[int, int, int]] | bytes | bytearray) -> memoryview:
@@ -139,6 +170,7 @@ class PagemapScanner:
             raise ValueError("vec_len must be >= 1")
         if probe:
             probe_pagemap_scan()
+        self._probed = probe  # then EINVAL means bad arguments, not an old kernel
         self.pid = pid
         self.vec_len = vec_len
         self.max_pages = max_pages  # default page budget per ioctl call (0: none)
@@ -174,9 +206,15 @@ class PagemapScanner:
     def _error(self, exc: OSError, what: str) -> Exception:
         e = exc.errno
         if e in (errno.ESRCH, errno.ENOENT):
+            if what.startswith("range"):  # the pagemap was open: it exited since
+                return NoSuchProcess(f"process {self.pid} exited during a PAGEMAP_SCAN "
+                                     f"({what}): its memory is gone", self.pid)
             return NoSuchProcess(f"process {self.pid} does not exist ({what})", self.pid)
         if e in (errno.EACCES, errno.EPERM) and what.endswith("/pagemap"):
             return PermissionDenied(f"not permitted to open {what}", self.pid)
+        if e == errno.EINVAL and self._probed:
+            return CheckpointError(f"PAGEMAP_SCAN on process {self.pid} rejected its arguments "
+                                   f"({what}: {os.strerror(e)})")
         if e in (errno.EINVAL, errno.ENOTTY):
             return KernelFeatureError(
                 f"PAGEMAP_SCAN rejected by the kernel on process {self.pid} ({what}: "
@@ -194,7 +232,15 @@ class PagemapScanner:
         ``max_pages`` is the per-call page budget (0: none); pagination resumes
         at ``walk_end`` only after a full vector or an exhausted budget.
         Batches are views over the scanner's vector: valid until the next one.
+
+        ``start`` and ``end`` must be page-aligned (ValueError otherwise): the
+        kernel rejects an unaligned start but silently rounds an unaligned
+        end *up*, which would report, and with WP_MATCHING write-protect, a
+        page outside the range asked for. ``start >= end`` yields nothing.
         """
+        if (start | end) & (PAGE_SIZE - 1):
+            raise ValueError(f"PAGEMAP_SCAN range {start:#x}-{end:#x} of process {self.pid} "
+                             f"is not page-aligned ({PAGE_SIZE} bytes)")
         if flags & PM_SCAN_CHECK_WPASYNC:
             raise ValueError("PM_SCAN_CHECK_WPASYNC loses dirty state on EPERM: "
                              "scan uffd-wp registered ranges with WP_MATCHING alone")
@@ -221,7 +267,7 @@ class PagemapScanner:
                 yield flat[: 3 * n].cast("B").cast("Q", (n, 3))
             if n == vec_len:
                 pass  # vector full: walk_end is exact
-            elif max_pages and n and (sum(flat[1:3 * n:3]) - sum(flat[0:3 * n:3])) >> PAGE_SHIFT >= max_pages:
+            elif max_pages and n and self._budget_reached(flat, n, max_pages):
                 pass  # budget reached: walk_end is exact
             else:
                 return  # the range is done (walk_end may lie here)
@@ -230,6 +276,17 @@ class PagemapScanner:
                 raise CheckpointError(
                     f"PAGEMAP_SCAN made no progress at {start:#x} in process {self.pid}")
             start = walk_end
+
+    @staticmethod
+    def _budget_reached(flat: memoryview, n: int, max_pages: int) -> bool:
+        """Whether ``n`` regions hold ``max_pages`` pages (they never hold
+        more). O(1) when the answer follows from ``n`` (a region is at least
+        one page) or from the span of the batch; else the exact count."""
+        if n >= max_pages:
+            return True
+        if (flat[3 * n - 2] - flat[0]) >> PAGE_SHIFT < max_pages:
+            return False
+        return _rows_pages(flat, n) >= max_pages
 
     def scan_vmas(self, vmas: Iterable[Vma], **kw) -> Iterator[tuple[Vma, memoryview]]:
         """``scan()`` each scannable VMA in turn; yields ``(vma, batch)``."""
