@@ -123,6 +123,15 @@ int main(void)
 	mnt("tmpfs", "/newroot/run", "tmpfs", 0, "mode=755", 0);
 	mnt("tmpfs", "/newroot/var/tmp", "tmpfs", 0, "mode=1777", 0);
 
+	/* the repository at its host path, read-only (it may live under /tmp) */
+	const char *repo = getenv("vmrepo");
+	if (repo && repo[0] == '/') {
+		snprintf(path, sizeof path, "/newroot%s", repo);
+		mkdir_p(path);
+		mnt("vmrepo", path, "9p", MS_RDONLY,
+		    "trans=virtio,version=9p2000.L,msize=512000,cache=loose", 1);
+	}
+
 	snprintf(path, sizeof path, "/newroot%s", out);
 	mkdir_p(path);  /* only where the path is on a tmpfs; else it exists */
 	mnt("vmout", path, "9p", 0, "trans=virtio,version=9p2000.L,msize=512000", 1);

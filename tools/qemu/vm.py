@@ -56,12 +56,14 @@ def status(booted: bool = True) -> str | None:
 def qemu_argv(out: Path, timeout_s: float) -> list[str]:
     c = cache_dir()
     for bad in (",", " "):
-        if bad in str(out):
-            raise ValueError(f"run directory {out!r} must not contain {bad!r}")
+        for p in (out, REPO):
+            if bad in str(p):
+                raise ValueError(f"directory {str(p)!r} must not contain {bad!r} (qemu -virtfs)")
     append = " ".join([
         "console=ttyS0", *os.environ.get("CHECKPOINT_QEMU_APPEND", "quiet loglevel=4").split(), "panic=-1", "tsc=reliable",
         "transparent_hugepage=madvise",  # as on the host: exact per-page counts
         f"vmout={out}",
+        f"vmrepo={REPO}",
     ])
     return [
         QEMU, "-accel", "tcg", "-cpu", os.environ.get("CHECKPOINT_QEMU_CPU", "max"), "-smp", "2", "-m", "2G",
@@ -71,6 +73,10 @@ def qemu_argv(out: Path, timeout_s: float) -> list[str]:
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
                    "multidevs=remap",
         "-virtfs", f"local,path={out},mount_tag=vmout,security_model=none",
+        # the repository again, read-only at its own path: a clone under /tmp
+        # would otherwise be hidden by the guest's tmpfs on /tmp
+        "-virtfs", f"local,path={REPO},mount_tag=vmrepo,security_model=none,readonly=on,"
+                   "multidevs=remap",
         "-append", append,
     ]
 
