@@ -117,9 +117,11 @@ class Checkpointer:
         layer itself and it is untouched (same file, size, mtime, nothing
         newer), the chain needs no new validation: only a layer of ours
         follows it."""
-        # auto: a final dump compresses with every core (the target is frozen
-        # and waits for it); a pre-dump leaves the running target its CPU
-        threads = self.threads or ((os.cpu_count() or 1) if kind == KIND_DUMP else 1)
+        # auto: every core. A final dump's target waits frozen for it; a
+        # pre-dump round that ends sooner leaves fewer pages dirty for the
+        # next one (iterative pre-copy converges faster). --threads 1 spares
+        # a busy target instead.
+        threads = self.threads or (os.cpu_count() or 1)
         last = self._last
         if last is not None:
             path, ident, ref = last
@@ -198,6 +200,10 @@ class Checkpointer:
         progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
         proc: FrozenProcess | None = None
         try:
+            # smaps is costly (the kernel walks every page table for its
+            # counters): a final dump reads it before freezing and, inside,
+            # only checks with the cheap maps that the layout is the same
+            smaps_before = procfs.read_smaps(self.pid) if final else None
             t_frozen = time.perf_counter()
             proc = freeze_process(self.pid, self.freeze_timeout)
             try:
@@ -206,7 +212,7 @@ class Checkpointer:
                 log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
                          self.pid, proc.freezing_ms, tracker.name,
                          f" (full layer: {full_reason})" if full_reason else "")
-                records = self._metadata(proc, final)
+                records = self._metadata(proc, final, smaps_before)
                 vmas = records.pop("_vmas")
                 tracker.whole_vmas.clear()
                 regions = _collect(tracker, self.pid, vmas)
@@ -224,7 +230,12 @@ class Checkpointer:
                     log.info("thawed after %.2f ms; writing pages while it runs", frozen_ms)
                 t_mem = time.perf_counter()
                 mem_ms = self._write_pages(writer, regions, progress)
-                present = 0 if full_reason else _count_present(self.pid, vmas)
+                if full_reason:
+                    present = 0
+                elif final:  # inside the freeze: the smaps counters read just before it
+                    present = sum(v.anon_kb for v in vmas) * 1024 // PAGE_SIZE
+                else:  # after the thaw: costs no frozen time
+                    present = _count_present(self.pid, vmas)
             except BaseException:
                 if proc.threads:
                     proc.thaw()
@@ -282,7 +293,8 @@ class Checkpointer:
 
     # -- pieces ---------------------------------------------------------------
 
-    def _metadata(self, proc: FrozenProcess, final: bool) -> dict:
+    def _metadata(self, proc: FrozenProcess, final: bool,
+                  smaps_before: list[procfs.Vma] | None = None) -> dict:
         """Records of this round, taken inside the freeze. Pre-dumps hold the
         tree and the memory map only; a dump holds everything."""
         pid = self.pid
@@ -305,7 +317,9 @@ class Checkpointer:
                     with Injector(proc, tid) as r:
                         cores.append(thr_obj.dump_thread(r))
         # the maps are read after every injector has unmapped its scratch page
-        vmas = procfs.read_smaps(pid)
+        vmas = procfs.read_maps(pid)
+        if final:
+            vmas = _with_smaps_flags(vmas, smaps_before) or procfs.read_smaps(pid)
         out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
         if final:
@@ -316,14 +330,12 @@ class Checkpointer:
         return out
 
     def _write_pages(self, writer, regions: "Regions", progress: "Progress") -> float:
-        """Read the data regions from the target and feed them to the writer,
-        in address order, zero regions as zero. Scattered regions are read
-        together: one process_vm_readv for up to IOV_MAX of them (1 MiB at
-        most), falling back to /proc/PID/mem for what it cannot read
-        (PROT_NONE pages). Returns ms spent reading."""
+        """Read the data regions from the target straight into the writer's
+        frame buffer, in address order, zero regions as zero. Scattered
+        regions are read together: one process_vm_readv for up to IOV_MAX of
+        them, falling back to /proc/PID/mem for what it cannot read (PROT_NONE
+        pages). Returns ms spent reading."""
         pid = self.pid
-        buf = bytearray(READ_CHUNK)
-        mv = memoryview(buf)
         try:
             fd = procfs.open_proc_fd(pid, "mem")
         except NoSuchProcess:
@@ -333,29 +345,32 @@ class Checkpointer:
         runs: list[tuple[int, int]] = []  # (addr, npages) of the pending batch
         iov = array("Q")
         fill = 0
+        space = writer.frame_space()
 
         def flush() -> None:
-            nonlocal fill, read_s
+            nonlocal fill, read_s, space
             if not runs:
                 return
             t = time.perf_counter()
             try:
-                got = process_vm_readv_scatter(pid, mv[:fill], iov)
+                got = process_vm_readv_scatter(pid, space[:fill], iov)
             except OSError:
                 got = -1
             if got != fill:  # some range not readable that way: the slow, sure path
                 o = 0
                 for a, n in runs:
-                    if os.preadv(fd, [mv[o:o + n * PAGE_SIZE]], a) != n * PAGE_SIZE:
+                    if os.preadv(fd, [space[o:o + n * PAGE_SIZE]], a) != n * PAGE_SIZE:
                         raise TargetExited(f"process {pid}: memory at {a:#x} vanished during "
                                            "the dump", pid)
                     o += n * PAGE_SIZE
             read_s += time.perf_counter() - t
-            writer.add_page_runs(pid, runs, mv[:fill])
+            space.release()
+            writer.commit_runs(pid, runs, fill)
             progress.advance(fill // PAGE_SIZE)
             runs.clear()
             del iov[:]
             fill = 0
+            space = writer.frame_space()
 
         try:
             rows = regions.rows
@@ -366,15 +381,16 @@ class Checkpointer:
                     writer.add_zero(pid, s, (e - s) // PAGE_SIZE)
                     continue
                 while s < e:
-                    n = min(e - s, READ_CHUNK - fill)
+                    n = min(e - s, len(space) - fill)
                     runs.append((s, n // PAGE_SIZE))
                     iov.extend((s, n))
                     fill += n
                     s += n
-                    if fill == READ_CHUNK or len(runs) == IOV_MAX:
+                    if fill == len(space) or len(runs) == IOV_MAX:
                         flush()
             flush()
         finally:
+            space.release()
             os.close(fd)
         return read_s * 1e3
 
@@ -461,6 +477,21 @@ def _engine_fds(tracker: Tracker | None, pid: int) -> set[int]:
         fd = getattr(tracker, name, -1)
         if isinstance(fd, int) and fd >= 0:
             out.add(fd)
+    return out
+
+
+def _with_smaps_flags(vmas: list[procfs.Vma],
+                      smaps: list[procfs.Vma] | None) -> list[procfs.Vma] | None:
+    """``vmas`` (from maps, read in the freeze) with the VmFlags of the same
+    VMAs in ``smaps`` (read just before it), or None when the layout changed
+    in between. The flags the restore needs (gd, nr) are fixed at mmap time."""
+    if smaps is None or len(smaps) != len(vmas):
+        return None
+    out = []
+    for v, w in zip(vmas, smaps):
+        if v != procfs.with_flags(w, frozenset()):
+            return None
+        out.append(procfs.with_flags(v, w.vmflags, w.anon_kb))
     return out
 
 

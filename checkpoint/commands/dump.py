@@ -18,8 +18,8 @@ def _common(p) -> None:
     p.add_argument("--compress-level", type=int, default=1, metavar="N",
                    help="zstd level (default 1)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="compression threads (default: 1 for pre-dump, every core for the "
-                        "final dump, while the target is frozen)")
+                   help="compression threads (default: every core; 1 spares a busy target "
+                        "during pre-dumps)")
     p.add_argument("--max-pages", type=int, default=0, metavar="N",
                    help="PAGEMAP_SCAN page budget per call (0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")

@@ -414,6 +414,46 @@ class LayerWriter:
         self._pages += off // ps
         self._busy += time.perf_counter() - t
 
+    def frame_space(self) -> memoryview:
+        """The free part of the current frame buffer: a reader may fill it
+        directly (a scatter read) and then call :meth:`commit_runs`, saving
+        the copy that :meth:`add_page_runs` makes. Valid until the next call."""
+        if self._closed:
+            raise ValueError("layer writer is closed")
+        return memoryview(self._buf)[self._fill:]
+
+    def commit_runs(self, pid: int, runs, nbytes: int) -> None:
+        """Account for ``nbytes`` just written at the start of
+        :meth:`frame_space`: the pages of ``runs`` ((addr, npages), increasing
+        addresses), in that order."""
+        t = time.perf_counter()
+        ps = self.page_size
+        if nbytes > self.frame_size - self._fill or nbytes % ps:
+            raise ValueError(f"commit of {nbytes} bytes does not fit the frame space")
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        prev_end = self._next_addr.get(pid, 0)
+        total = 0
+        entries = self._entries
+        for addr, npages in runs:
+            if addr % ps or npages <= 0 or addr < prev_end:
+                raise ValueError(f"pid {pid}: bad or unordered page run {addr:#x} "
+                                 f"({npages} pages) after {prev_end:#x}")
+            if entries and entries[-1][0] == pid and entries[-1][1] + entries[-1][2] * ps == addr:
+                entries[-1][2] += npages
+            else:
+                entries.append([pid, addr, npages])
+            prev_end = addr + npages * ps
+            total += npages * ps
+        if total != nbytes:
+            raise ValueError(f"runs hold {total} bytes, the commit says {nbytes}")
+        self._next_addr[pid] = prev_end
+        self._fill += nbytes
+        self._pages += nbytes // ps
+        if self._fill == self.frame_size:
+            self._emit_buffer()
+        self._busy += time.perf_counter() - t
+
     def add_zero(self, pid: int, addr: int, npages: int) -> None:
         """Record ``npages`` zero pages; no data is stored for them."""
         self._check(pid, addr, npages)
@@ -576,11 +616,12 @@ class LayerWriter:
         if frame_no is not None:
             pm.frame = frame_no
         for flag, lst in ((F.PE_DATA, entries), (F.PE_ZERO, zeros)):
-            for pid, addr, npages in lst:
-                pm.pid.append(pid)
-                pm.vaddr.append(addr)
-                pm.npages.append(npages)
-                pm.flags.append(flag)
+            if lst:  # columns in one extend each, not four appends an entry
+                pids, addrs, counts = zip(*lst)
+                pm.pid.extend(pids)
+                pm.vaddr.extend(addrs)
+                pm.npages.extend(counts)
+                pm.flags.extend([flag] * len(lst))
         self._pagemaps.append(self._pos)
         return self._block_bytes(F.BT_PAGEMAP, pm.SerializeToString())
 

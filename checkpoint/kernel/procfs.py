@@ -68,6 +68,7 @@ class Vma:
     inode: int
     path: str  # "" for anonymous; "[heap]", "[stack]", "[vdso]", ... ; may end in " (deleted)"
     vmflags: frozenset[str] = field(default_factory=frozenset)
+    anon_kb: int = field(default=0, compare=False)  # smaps "Anonymous:" (0 from maps)
 
     @property
     def size(self) -> int:
@@ -133,6 +134,7 @@ def parse_smaps(text: str) -> list[Vma]:
     vmas: list[Vma] = []
     cur: Vma | None = None
     flags: frozenset[str] = frozenset()
+    anon = 0
     for line in text.splitlines():
         if not line:
             continue
@@ -140,18 +142,20 @@ def parse_smaps(text: str) -> list[Vma]:
         if head.endswith(":"):
             if head == "VmFlags:":
                 flags = frozenset(line.split()[1:])
+            elif head == "Anonymous:":
+                anon = int(line.split()[1])
             continue
         if cur is not None:
-            vmas.append(_with_flags(cur, flags))
-        cur, flags = _parse_maps_line(line), frozenset()
+            vmas.append(with_flags(cur, flags, anon))
+        cur, flags, anon = _parse_maps_line(line), frozenset(), 0
     if cur is not None:
-        vmas.append(_with_flags(cur, flags))
+        vmas.append(with_flags(cur, flags, anon))
     return vmas
 
 
-def _with_flags(v: Vma, flags: frozenset[str]) -> Vma:
+def with_flags(v: Vma, flags: frozenset[str], anon_kb: int = 0) -> Vma:
     return Vma(v.start, v.end, v.perms, v.offset, v.dev_major, v.dev_minor, v.inode,
-               v.path, flags)
+               v.path, flags, anon_kb)
 
 
 def read_maps(pid: int) -> list[Vma]:
