@@ -128,10 +128,13 @@ def test_soft_dirty_under_qemu(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
            f"--junitxml={junit}", "-k", "soft_dirty and not under_qemu",
            "tests/test_trackers.py", "tests/test_softdirty_qemu.py"]
-    t0 = time.monotonic()
-    rc = vm.run(cmd, cwd=str(REPO), out=tmp_path, timeout=VM_TIMEOUT,
-                env={"SOFTDIRTY_ROUNDS": str(VM_ROUNDS), "PYTHONDONTWRITEBYTECODE": "1"})
-    print(f"VM run: {time.monotonic() - t0:.1f} s, status {rc}")
+    for attempt in (1, 2):
+        t0 = time.monotonic()
+        rc = vm.run(cmd, cwd=str(REPO), out=tmp_path, timeout=VM_TIMEOUT,
+                    env={"SOFTDIRTY_ROUNDS": str(VM_ROUNDS), "PYTHONDONTWRITEBYTECODE": "1"})
+        print(f"VM run {attempt}: {time.monotonic() - t0:.1f} s, status {rc}")
+        if rc != 125:  # 125: the VM itself broke (seen once in ~15 boots), not pytest
+            break
     assert rc == 0, f"pytest in the VM exited {rc} (output above)"
     suite = ET.parse(junit).getroot()
     outcome = {}
