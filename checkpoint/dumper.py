@@ -255,9 +255,7 @@ class Checkpointer:
             if final:  # the whole window, publication (fsync, rename) included
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
         except OSError as exc:
-            writer.abort()
-            if proc is not None and proc.threads:
-                proc.thaw()
+            self._failed(writer, proc, exc)
             if exc.errno == errno.ENOSPC:
                 raise CheckpointError(f"no space left on device writing the layer into "
                                       f"{self.images_dir}; nothing was published") from None
@@ -266,10 +264,8 @@ class Checkpointer:
                                    "nothing was published", self.pid) from None
             raise CheckpointError(f"dump of {self.pid} failed: {exc}; nothing was "
                                   "published") from None
-        except BaseException:
-            writer.abort()
-            if proc is not None and proc.threads:
-                proc.thaw()
+        except BaseException as exc:
+            self._failed(writer, proc, exc)
             raise
         finally:
             progress.close()
@@ -290,6 +286,18 @@ class Checkpointer:
                          pages_skipped_parent=skipped,
                          pages_zero=st.pages_zero, bytes_raw=st.bytes_raw,
                          bytes_stored=st.bytes_stored, path=st.path)
+
+    def _failed(self, writer, proc: FrozenProcess | None, exc: BaseException) -> None:
+        """A round that did not publish its layer: drop the layer, release the
+        target, and make the next round full. The tracker may already have
+        cleared the dirty bits for the layer that was lost; an incremental
+        layer after it would miss those pages."""
+        writer.abort()
+        if proc is not None and proc.threads:
+            proc.thaw()
+        if self.tracker is not None:
+            self.tracker.reset(f"the previous round failed before its layer was published "
+                               f"({type(exc).__name__})")
 
     # -- pieces ---------------------------------------------------------------
 

@@ -546,3 +546,27 @@ def test_another_kernels_vdso_is_refused(rt):
     process.vdso_digest = bytes(32)
     with pytest.raises(RestoreError, match="another kernel's vDSO"):
         check_images(process, mm)
+
+
+def test_a_failed_round_makes_the_next_one_full(rt):
+    """The tracker clears the dirty bits inside the freeze; if that round's
+    layer is then lost, the next layer must not be incremental."""
+    p, ch, tmp = rt
+    calls = []
+
+    def fail_second(proc):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("orchestrator hook failed")
+
+    with Checkpointer(p.pid, tmp / "img", on_frozen=fail_second) as ck:
+        assert ck.pre_dump().full_reason == "first round"
+        ch.ask("write 42", "OK")
+        with pytest.raises(RuntimeError):
+            ck.pre_dump()
+        assert tracer_of(p.pid) == 0
+        st = ck.pre_dump()
+        assert "failed before its layer was published" in st.full_reason
+        assert st.pages_written >= BUF_PAGES  # everything again, page 42 included
+    assert sorted(os.listdir(tmp / "img")) == ["layer-0000.img", "layer-0001.img"]
+    check_ok(ch, p.pid)
