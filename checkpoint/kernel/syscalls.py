@@ -104,7 +104,7 @@ def process_vm_writev(pid: int, buf, remote_addr: int) -> int:
 IOV_MAX = 1024
 
 
-def process_vm_readv_scatter(pid: int, buf, remote: "array") -> int:
+def process_vm_readv_scatter(pid: int, buf, remote) -> int:
     """Read many remote ranges of ``pid`` into ``buf`` back to back in one
     call. ``remote`` is an ``array('Q')`` of (address, length) pairs (the
     layout of ``struct iovec[]``), at most IOV_MAX pairs. Returns the bytes
