@@ -36,7 +36,9 @@ def run_round(tracker: Tracker, pid: int, lo: int | None = None, hi: int | None 
             assert batch.vma.start <= s < e <= batch.vma.end
             for p in range(s, e, PS):
                 if lo is None or lo <= p < hi:
-                    (zero if f & REGION_ZERO else data).add(p if lo is None else (p - lo) // PS)
+                    idx = p if lo is None else (p - lo) // PS
+                    assert idx not in data and idx not in zero, "page reported twice"
+                    (zero if f & REGION_ZERO else data).add(idx)
     tracker.arm(pid, vmas)
     return data, zero
 

@@ -9,31 +9,20 @@ import random
 import pytest
 
 from checkpoint.freezer import freeze
-from checkpoint.kernel.procfs import PAGE_SIZE, read_maps
-from checkpoint.tracking.base import REGION_ZERO, choose_tracker
+from checkpoint.kernel.procfs import PAGE_SIZE
+from checkpoint.tracking.base import choose_tracker
 from checkpoint.tracking.uffd_wp import TAG_NAME, UffdWpTracker
 from test_scan import target  # noqa: F401  (fixture)
-from test_trackers import ROUNDS
+from test_trackers import ROUNDS, run_round
 
 PS = PAGE_SIZE
 
 
 def frozen_round(t: UffdWpTracker, pid: int, lo=None, hi=None):
-    """freeze, collect, arm, thaw; returns (data, zero) page indices in [lo, hi)."""
-    data, zero = set(), set()
+    """run_round inside a freeze (the tracker injects into the target)."""
     with freeze(pid) as proc:
         t.bind(proc)
-        vmas = read_maps(pid)
-        for b in t.collect(pid, vmas):
-            for s, e, f in b.regions.tolist():
-                assert b.vma.start <= s < e <= b.vma.end
-                for p in range(s, e, PS):
-                    if lo is None or lo <= p < hi:
-                        idx = p if lo is None else (p - lo) // PS
-                        assert idx not in data and idx not in zero, "page reported twice"
-                        (zero if f & REGION_ZERO else data).add(idx)
-        t.arm(pid, read_maps(pid))
-    return data, zero
+        return run_round(t, pid, lo, hi)
 
 
 def parked_fds(pid):
