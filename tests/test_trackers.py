@@ -165,6 +165,23 @@ def test_full_tracker(target, tmp_path):
         assert fdata == {5} and fzero == set()
 
 
+def test_full_tracker_random_rounds(target):
+    """The property test for `full`: every round reports exactly the pages
+    written so far (all of them: full layers), nothing lost."""
+    rng = random.Random(5)
+    d = target()
+    n = 10_000
+    mid, base = d.map("anon", n)
+    t = FullTracker(vec_len=64)
+    ever: set[int] = set()
+    for _ in range(ROUNDS):
+        written = set(rng.sample(range(n), rng.randint(1, 500)))
+        d.write(mid, sorted(written))
+        ever |= written
+        data, zero = run_round(t, d.pid, base, base + n * PS)
+        assert data == ever and not zero
+
+
 @pytest.mark.parametrize("kind", ["shared", "memfd", "thp"])
 def test_full_tracker_other_memory(target, kind):
     d = target()
