@@ -146,6 +146,7 @@ def _own_vdso() -> tuple[bytes, int, int, int]:
 
 def check_images(process, mm) -> None:
     """Refuse, before starting anything, what cannot be restored right."""
+    written_files = {(v.dev, v.inode) for v in mm.vmas if v.flags & 0x01 and v.prot & 2}
     mine = _own_vdso()
     theirs = (process.vdso_digest, process.vdso_size, process.vvar_size,
               process.vvar_vclock_size)
@@ -167,9 +168,13 @@ def check_images(process, mm) -> None:
         diffs = []
         if st.st_ino != v.inode or st.st_dev != v.dev:
             diffs.append("it is another file (device/inode differ)")
-        if v.file_size and st.st_size != v.file_size:
+        # a file the process maps shared and writable changes by design (its
+        # own writes land there, also seen through its private mappings of
+        # it): only its identity must hold
+        shared_rw = (v.dev, v.inode) in written_files
+        if v.file_size and st.st_size != v.file_size and not shared_rw:
             diffs.append(f"size {st.st_size} != {v.file_size}")
-        if v.file_mtime_ns and st.st_mtime_ns != v.file_mtime_ns:
+        if v.file_mtime_ns and st.st_mtime_ns != v.file_mtime_ns and not shared_rw:
             diffs.append("modification time differs")
         if diffs:
             raise RestoreError(f"mapped file {v.path} changed since the dump: "
@@ -420,7 +425,7 @@ class _Builder:
         return r.scratch
 
     def _map_vmas(self, r: Injector) -> None:
-        opened: dict[str, int] = {}
+        opened: dict[tuple[str, int], int] = {}
         try:
             for v in self.rec["mm"].vmas:
                 if v.path in mm_obj.SPECIAL:
@@ -432,12 +437,13 @@ class _Builder:
                     mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON) and \
                     not v.path.startswith("/memfd:")
                 if file_backed:
-                    fd = opened.get(v.path)
+                    # a shared writable mapping needs the file open for writing
+                    acc = O_RDWR if v.flags & 0x01 and v.prot & 2 else O_RDONLY
+                    fd = opened.get((v.path, acc))
                     if fd is None:
-                        acc = O_RDWR if v.flags & 0x01 and v.prot & 2 else O_RDONLY
                         fd = r.call("openat", AT_FDCWD, self._path_in_target(r, v.path),
                                     acc | O_CLOEXEC, 0)
-                        opened[v.path] = fd
+                        opened[(v.path, acc)] = fd
                     off = v.offset
                 else:
                     flags |= 0x20

@@ -102,6 +102,7 @@ def rt(tmp_path, reaper):
     """A running restore_target with its channel."""
     data = tmp_path / "data.bin"
     data.write_bytes(b"D" * 4096 + b"E" * 4096 + b"F" * 4096)
+    os.utime(data, ns=(1_000_000_000, 1_000_000_000))  # an mtime that cannot tie by chance
     work = tmp_path / "work"
     work.mkdir()
     ch = Channel()

@@ -38,8 +38,8 @@
 #define PAGE 4096
 static unsigned char *buf;
 static unsigned char gen[BUF / PAGE];
-static int datafd, appendfd, pipefd[2], feedpipe[2];
-static char *fmap;
+static int datafd, appendfd, shfd, pipefd[2], feedpipe[2];
+static char *fmap, *shmap;
 static char want_cwd[4096];
 static atomic_long ticks[5], usr1;
 static atomic_int fword;
@@ -156,6 +156,11 @@ static void check(void)
 		err("O_APPEND lost", 0);
 	if (fmap[0] != 'D' || fmap[4096] != 'E')
 		err("file mapping", fmap[0]);
+	/* the shared mapping still writes through to the file */
+	char back = 0;
+	shmap[1] = (char)(shmap[1] + 1);
+	if (pread(shfd, &back, 1, 1) != 1 || back != shmap[1])
+		err("shared file mapping not shared", back);
 	sigaction(SIGUSR1, NULL, &sa);
 	if (sa.sa_handler != on_usr1)
 		err("SIGUSR1 handler", 0);
@@ -205,7 +210,12 @@ int main(int argc, char **argv)
 	if (datafd < 0 || appendfd < 0 || lseek(datafd, 1234, SEEK_SET) != 1234)
 		return 3;
 	fmap = mmap(NULL, 2 * PAGE, PROT_READ, MAP_PRIVATE, datafd, 0);
-	if (fmap == MAP_FAILED || pipe(pipefd) || pipe(feedpipe))
+	/* a file of its own (in the work dir) mapped shared and writable */
+	shfd = open("shared.bin", O_RDWR | O_CREAT, 0600);
+	if (shfd < 0 || ftruncate(shfd, PAGE))
+		return 6;
+	shmap = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, shfd, 0);
+	if (fmap == MAP_FAILED || shmap == MAP_FAILED || pipe(pipefd) || pipe(feedpipe))
 		return 4;
 	for (int i = 0; i < 3000; i++) {
 		char c = (char)(i % 251);
