@@ -571,3 +571,19 @@ def test_a_failed_round_makes_the_next_one_full(rt):
         assert st.pages_written >= BUF_PAGES  # everything again, page 42 included
     assert sorted(os.listdir(tmp / "img")) == ["layer-0000.img", "layer-0001.img"]
     check_ok(ch, p.pid)
+
+
+def test_failed_restore_leaves_nothing_and_names_the_object(spawn, python_exe, tmp_path):
+    """A socket dumped as external with no stand-in: the restore fails in the
+    middle (files), names the fd, and kills its half-built process."""
+    t = spawn([python_exe, "-c", "import socket, time; s = socket.socket(); "
+                                 "print('READY', s.fileno(), flush=True); time.sleep(30)"])
+    fd = int(t.expect("READY").split()[1])
+    with Checkpointer(t.pid, tmp_path / "img", external_fds=True) as ck:
+        ck.dump()
+    t.proc.wait(5)
+    before = _children()
+    with pytest.raises(RestoreError, match=f"fd {fd}"):
+        restore(tmp_path / "img", inherit_stdio=False)
+    assert _children() == before
+    assert proc_state(t.pid) == ""  # the PID is free again: nothing half-restored holds it
