@@ -587,3 +587,27 @@ def test_failed_restore_leaves_nothing_and_names_the_object(spawn, python_exe, t
         restore(tmp_path / "img", inherit_stdio=False)
     assert _children() == before
     assert proc_state(t.pid) == ""  # the PID is free again: nothing half-restored holds it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_dump_publishes_nothing_and_releases_the_target(tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle of a long dump: exit 130, no layer,
+    the target untraced and running."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools/bench"))
+    from common import Workload
+    with Workload(768, 0.0) as w:
+        eng = subprocess.Popen([sys.executable, "-m", "checkpoint", "dump", "-t", str(w.pid),
+                                "-D", tmp_path / "img", "--threads", "1"],
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while tracer_of(w.pid) != eng.pid:  # wait until it holds the target
+            assert time.monotonic() < deadline and eng.poll() is None
+            time.sleep(0.002)
+        time.sleep(0.05)
+        eng.send_signal(sig)
+        assert eng.wait(20) == 130, eng.stderr.read()
+        err = eng.stderr.read()
+        assert err.count("\n") == 1 and "released" in err
+        assert [n for n in os.listdir(tmp_path / "img") if n.startswith("layer-")] == []
+        assert os.listdir(tmp_path / "img") == []  # no temp file left either
+        assert tracer_of(w.pid) == 0 and proc_state(w.pid) in ("S", "R")
