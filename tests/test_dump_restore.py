@@ -634,3 +634,21 @@ def test_racing_writer_loses_nothing(spawn, tmp_path, track):
             addr = base + i * PS
             mem.seek(addr)
             assert c.read_page(d.pid, addr) == mem.read(PS), f"page {i} differs"
+
+
+def test_eventfd_signalfd_epoll_survive(tmp_path, reaper):
+    ch = Channel()
+    p = ch.popen([build_target("anonfd_target")])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    assert ch.ask("check", "CHECK") == "CHECK ok 0"  # count 5 -> 4
+    inherit = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    killed(p)
+    r = restore(tmp_path / "img", inherit=inherit, inherit_stdio=False)
+    reaper.append(r.pid)
+    for _ in range(4):  # 4 -> 0: the semaphore count came back exactly
+        assert ch.ask("check", "CHECK") == "CHECK ok 0"
+    assert ch.ask("check", "CHECK") == "CHECK bad 3"  # empty now: not ready, no read
+    ch.close()

@@ -154,17 +154,17 @@ def test_fd_references_keep_fd_0():
 
 def test_dump_unsupported(spawn, tmp_path):
     t, fds = start_target(spawn, str(tmp_path), "unsupported")
-    sock, efd = fds["sock"], fds["eventfd"]
+    sock, efd = fds["sock"], fds["pidfd"]
     with pytest.raises(UnsupportedObject) as exc:
         dump(t.pid)
     link = os.readlink(f"/proc/{t.pid}/fd/{sock}")
     assert str(exc.value).startswith(f"fd {sock} is a socket ({link}): sockets are not")
     assert "--external-fds" in str(exc.value) and exc.value.exit_code == 6
-    with pytest.raises(UnsupportedObject, match=rf"fd {efd} is an eventfd \(anon_inode:"):
+    with pytest.raises(UnsupportedObject, match=rf"fd {efd} is a pidfd \(anon_inode:"):
         dump(t.pid, exclude_fds={sock, sock + 1})
 
     entry = dump(t.pid, external=True)
-    for fd, kind in ((sock, "socket"), (efd, "eventfd")):
+    for fd, kind in ((sock, "socket"), (efd, "pidfd")):
         e = by_fd(entry)[fd]
         assert e.type == files_pb2.FD_UNKNOWN and e.path == os.readlink(f"/proc/{t.pid}/fd/{fd}")
         assert e.external and e.kind == kind and e.extra == b""
@@ -268,7 +268,7 @@ def test_restore_refuses_a_shrunk_file(spawn, tmp_path):
 def test_restore_external_fds_need_inherit(spawn, tmp_path):
     t, fds = start_target(spawn, str(tmp_path), "unsupported")
     entry = dump(t.pid, external=True)
-    sock, efd = fds["sock"], fds["eventfd"]
+    sock, efd = fds["sock"], fds["pidfd"]
     link = by_fd(entry)[sock].path
     p = start_placeholder(spawn)
     with pytest.raises(RestoreError, match=rf"fd {sock} \({re.escape(link)}\): was left external"):

@@ -55,6 +55,10 @@ MOVE_MARGIN = 16  # placeholder fds are moved above max(image fds) + this
 
 # <asm-generic/fcntl.h>, <linux/fcntl.h>
 F_DUPFD_CLOEXEC = 1030
+EFD_SEMAPHORE, EFD_CLOEXEC = 1, os.O_CLOEXEC  # <linux/eventfd.h>
+SFD_CLOEXEC = os.O_CLOEXEC  # <linux/signalfd.h>
+EPOLL_CLOEXEC, EPOLL_CTL_ADD = os.O_CLOEXEC, 1  # <linux/eventpoll.h>
+EPOLL_USER_EVENTS = 0xF000_3FFF  # EPOLLIN..EPOLLRDHUP, EPOLLEXCLUSIVE/WAKEUP/ONESHOT/ET
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 F_ADD_SEALS = 1033
@@ -109,9 +113,6 @@ def fd_keys(e: FdEntry) -> tuple[str, str]:
 
 _KIND_NAMES = {
     "socket": ("a socket", "sockets"),
-    "eventfd": ("an eventfd", "eventfds"),
-    "eventpoll": ("an epoll instance", "epoll instances"),
-    "signalfd": ("a signalfd", "signalfds"),
     "timerfd": ("a timerfd", "timerfds"),
     "io_uring": ("an io_uring instance", "io_uring instances"),
     "inotify": ("an inotify instance", "inotify instances"),
@@ -215,6 +216,8 @@ def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
     carries_data = first == fd  # one copy of the content per inode
 
     kind = _kind(link)
+    if kind in ANON_KINDS:
+        return _dump_anon(ctx, e, kind)
     if kind not in ("pipe", "memfd", "file"):
         return _unsupported(e, kind, external)
     if info.flags & os.O_PATH:
@@ -252,6 +255,44 @@ def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
                 e.pty_index = index
     else:
         return _unsupported(e, "other", external)
+    return e
+
+
+ANON_KINDS = {"eventfd": files_pb2.FD_EVENTFD, "signalfd": files_pb2.FD_SIGNALFD,
+              "eventpoll": files_pb2.FD_EVENTPOLL}
+
+
+def _fdinfo_text(ctx: _DumpCtx, fd: int) -> str:
+    try:
+        with open(f"/proc/{ctx.pid}/fdinfo/{fd}") as f:
+            return f.read()
+    except OSError as exc:
+        raise procfs._proc_open_error(exc, ctx.pid, f"/proc/{ctx.pid}/fdinfo/{fd}") from None
+
+
+def _dump_anon(ctx: _DumpCtx, e: FdEntry, kind: str) -> FdEntry:
+    """eventfd, signalfd and epoll: their whole state is in fdinfo
+    (fs/eventfd.c, fs/signalfd.c, fs/eventpoll.c show_fdinfo)."""
+    e.type = ANON_KINDS[kind]
+    text = _fdinfo_text(ctx, e.fd)
+    if kind == "eventfd":
+        for line in text.splitlines():
+            key, _, val = line.partition(":")
+            if key == "eventfd-count":
+                e.eventfd_count = int(val.strip(), 16)
+            elif key == "eventfd-semaphore":
+                e.eventfd_semaphore = val.strip() == "1"
+    elif kind == "signalfd":
+        for line in text.splitlines():
+            key, _, val = line.partition(":")
+            if key == "sigmask":
+                e.signalfd_mask = int(val.strip(), 16)
+    else:
+        for line in text.splitlines():
+            if line.startswith("tfd:"):
+                f = line.split()
+                # tfd: N events: X data: Y  pos:P ino:I sdev:D
+                e.epoll.add(tfd=int(f[1]), events=int(f[3], 16), data=int(f[5], 16))
     return e
 
 
@@ -529,6 +570,9 @@ class _Restorer:
                 self.restore_one(it)
         for it in dups:
             self.restore_dup(it)
+        for it in self.items:
+            if it.e.type == files_pb2.FD_EVENTPOLL and it.dup_of is None:
+                self.restore_epoll_targets(it)
         self.restore_fs()
         self.close_others()
 
@@ -611,9 +655,31 @@ class _Restorer:
             return self.place(self.openat(it.e.path, it.e.flags, it), it)
         if t == files_pb2.FD_TTY:
             return self.restore_tty(it)
+        if t == files_pb2.FD_EVENTFD:
+            if it.e.eventfd_count > 0xFFFF_FFFF:
+                raise self.fail(it, f"eventfd count {it.e.eventfd_count} does not fit eventfd2")
+            flags = EFD_CLOEXEC | (it.e.flags & os.O_NONBLOCK) | \
+                (EFD_SEMAPHORE if it.e.eventfd_semaphore else 0)
+            return self.place(self.fresh(self.call("eventfd2", it.e.eventfd_count, flags,
+                                                   it=it)), it)
+        if t == files_pb2.FD_SIGNALFD:
+            self.r.write(self.r.scratch, struct.pack("<Q", it.e.signalfd_mask))
+            flags = SFD_CLOEXEC | (it.e.flags & os.O_NONBLOCK)
+            return self.place(self.fresh(self.call("signalfd4", -1, self.r.scratch, 8, flags,
+                                                   it=it)), it)
+        if t == files_pb2.FD_EVENTPOLL:  # its registrations come once every fd is back
+            return self.place(self.fresh(self.call("epoll_create1", EPOLL_CLOEXEC, it=it)), it)
         if t in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):  # a second end of a FIFO/pipe
             return self.reopen_sibling(it)
         raise self.fail(it, f"cannot restore fds of type {files_pb2.FdType.Name(t)}")
+
+    def restore_epoll_targets(self, it: _Item) -> None:
+        for t in it.e.epoll:
+            # struct epoll_event is packed on x86_64: u32 events, u64 data
+            self.r.write(self.r.scratch, struct.pack("<IQ", t.events & EPOLL_USER_EVENTS, t.data))
+            res = self.r.syscall("epoll_ctl", it.fd, EPOLL_CTL_ADD, t.tfd, self.r.scratch)
+            if res < 0:
+                raise self.fail(it, f"epoll_ctl(ADD, fd {t.tfd}) failed: {os.strerror(-res)}")
 
     def reopen_sibling(self, it: _Item) -> None:
         """Another open file description of an inode already restored."""

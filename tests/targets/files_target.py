@@ -2,7 +2,7 @@
 
 "setup DIR"  -> opens everything under DIR, chdir DIR, umask 027;
                 prints "ready {json: name -> fd}" (+ "data" keys, hex)
-"unsupported" -> also opens a socketpair and an eventfd; prints "ready {json}"
+"unsupported" -> also opens a socketpair and a pidfd; prints "ready {json}"
 "stderr TTY" -> puts fd 2 on the tty TTY; prints "ready {json}"
 "readpipe"   -> reads the pipe's 10 KiB; prints "pipe <len> <sha256>"
 """
@@ -78,7 +78,7 @@ def main() -> None:
             a, b = socket.socketpair()
             keep.extend([a, b])
             fds["sock"] = a.fileno()
-            fds["eventfd"] = os.eventfd(0)
+            fds["pidfd"] = os.pidfd_open(os.getpid())  # still unsupported (eventfd is not)
             print("ready " + json.dumps(fds), flush=True)
         elif cmd == "stderr":  # put fd 2 on the tty args[0]
             tty = os.open(args[0], os.O_RDWR | os.O_NOCTTY)
