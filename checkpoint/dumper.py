@@ -29,7 +29,7 @@ from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_fo
 from .images.format import KIND_DUMP, KIND_PREDUMP
 from .images.pb import tracking_pb2
 from .images.reader import list_layers
-from .inject import Injector, ProcMem
+from .inject import Injector
 from .kernel import procfs
 from .kernel.procfs import PAGE_SIZE
 from .objects import mm as mm_obj
@@ -313,11 +313,7 @@ class Checkpointer:
             if final:
                 out["signals"] = sig_obj.dump_signals(remote)
                 cores.append(thr_obj.dump_thread(remote))
-                mem = ProcMem(pid, writable=False)
-                try:
-                    vdso = mm_obj.vdso_identity(pid, procfs.read_maps(pid), mem)
-                finally:
-                    mem.close()
+                vdso = mm_obj.vdso_identity(pid, procfs.read_maps(pid), proc.mem)
                 out["process"] = proc_obj.dump_process(remote, vdso)
         if final:
             for tid in proc.tids:

@@ -84,7 +84,6 @@ class FrozenThread:
     group_stop: bool = False  # stopped by SIGSTOP & co. before we came
     pending_signal: int = 0  # a stop signal we held back; delivered at detach
     injected: bool = False  # an Injector currently owns its registers
-    eintr_undone: bool = False  # see FrozenProcess._undo_stop_eintr
 
 
 class _RetryFreeze(Exception):
@@ -237,16 +236,13 @@ class FrozenProcess:
         if (st.sig_pnd | st.shd_pnd) & ~st.sig_blk:
             return  # a real signal will be delivered: its EINTR is genuine
         try:
-            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
-                mem.seek(regs.rip - 2)
-                if mem.read(2) != b"\x0f\x05":
-                    return  # not right after a syscall instruction (e.g. a handler)
-        except OSError:
+            if self.mem.read(regs.rip - 2, 2) != b"\x0f\x05":
+                return  # not right after a syscall instruction (e.g. a handler)
+        except (OSError, CheckpointError):
             return
         regs.rip -= 2
         regs.rax = regs.orig_rax
         pt.setregs(tid, regs)
-        self.threads[tid].eintr_undone = True
 
     def _resume_towards_stop(self, tid: int, sig: int = 0) -> None:
         pt.interrupt(tid)

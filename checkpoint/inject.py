@@ -26,7 +26,6 @@ import errno
 import os
 import signal
 import struct
-import time
 from typing import Iterable
 
 from .errors import InjectionError, TargetExited
@@ -261,15 +260,3 @@ class Injector:
 
     def read_u64(self, addr: int) -> int:
         return struct.unpack("<Q", self.read(addr, 8))[0]
-
-
-def timed_getpid_round_trips(proc: FrozenProcess, n: int = 100) -> float:
-    """Median cost of one injected getpid in microseconds (used by `check -v`)."""
-    with Injector(proc) as r:
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            r.syscall("getpid")
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6

@@ -15,7 +15,6 @@ import signal
 import struct
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from .kernel import pagemap as pm
 from .kernel import ptrace as pt
@@ -288,9 +287,3 @@ def probe_all() -> KernDat:
         if not ok:
             reasons[name] = why
     return KernDat(os.uname().release, features, reasons)
-
-
-@lru_cache(maxsize=1)
-def kerndat() -> KernDat:
-    """The probes, run once per engine process."""
-    return probe_all()

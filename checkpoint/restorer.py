@@ -461,27 +461,24 @@ class _Builder:
         spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
                        if v.path not in mm_obj.SPECIAL
                        and not v.status & mm_obj.VMA_CONTENT_IN_FILE)
-        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            i = 0
-            for run in self.chain.iter_runs(pid, zero_data=False):
-                if run.zero:
-                    continue  # fresh mappings are zero, or show their file
-                a, e = run.addr, run.addr + run.npages * PAGE
-                while i < len(spans) and spans[i][1] <= a:
-                    i += 1
-                j = i
-                while j < len(spans) and spans[j][0] < e:
-                    s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
-                    if s0 < e0:
-                        data = run.data[s0 - a:e0 - a]
-                        n = os.pwrite(fd, data, s0)
-                        if n != len(data):
-                            raise RestoreError(f"short write of pages at {s0:#x}")
-                        self.pages += (e0 - s0) // PAGE
-                    j += 1
-        finally:
-            os.close(fd)
+        fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
+        i = 0
+        for run in self.chain.iter_runs(pid, zero_data=False):
+            if run.zero:
+                continue  # fresh mappings are zero, or show their file
+            a, e = run.addr, run.addr + run.npages * PAGE
+            while i < len(spans) and spans[i][1] <= a:
+                i += 1
+            j = i
+            while j < len(spans) and spans[j][0] < e:
+                s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
+                if s0 < e0:
+                    data = run.data[s0 - a:e0 - a]
+                    n = os.pwrite(fd, data, s0)
+                    if n != len(data):
+                        raise RestoreError(f"short write of pages at {s0:#x}")
+                    self.pages += (e0 - s0) // PAGE
+                j += 1
 
     def _set_mm(self, r: Injector) -> None:
         mm = self.rec["mm"]

@@ -375,49 +375,10 @@ class LayerWriter:
             self._drain(0)          # the caller may reuse `data` once we return
         self._busy += time.perf_counter() - t
 
-    def add_page_runs(self, pid: int, runs, data) -> None:
-        """Add many runs of pages of ``pid`` at once: ``runs`` is a sequence
-        of ``(addr, npages)`` in increasing address order, ``data`` their
-        pages concatenated (as one scatter read returns them). Costs one
-        slice copy per run, not a call per run; ``data`` may be reused on
-        return."""
-        t = time.perf_counter()
-        mv = memoryview(data).cast("B")
-        ps, fs = self.page_size, self.frame_size
-        if self._closed:
-            raise ValueError("layer writer is closed")
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-        prev_end = self._next_addr.get(pid, 0)
-        off = 0
-        for addr, npages in runs:
-            if addr % ps or npages <= 0 or addr < prev_end:
-                raise ValueError(f"pid {pid}: bad or unordered page run {addr:#x} "
-                                 f"({npages} pages) after {prev_end:#x}")
-            n = npages * ps
-            prev_end = addr + n
-            while n:
-                take = min(n, fs - self._fill)
-                if off + take > len(mv):
-                    raise ValueError("data is shorter than the runs it should hold")
-                self._buf[self._fill:self._fill + take] = mv[off:off + take]
-                self._entry(self._entries, pid, addr, take // ps)
-                self._fill += take
-                off += take
-                addr += take
-                n -= take
-                if self._fill == fs:
-                    self._emit_buffer()
-        if off != len(mv):
-            raise ValueError(f"data holds {len(mv)} bytes, the runs {off}")
-        self._next_addr[pid] = prev_end
-        self._pages += off // ps
-        self._busy += time.perf_counter() - t
-
     def frame_space(self) -> memoryview:
         """The free part of the current frame buffer: a reader may fill it
         directly (a scatter read) and then call :meth:`commit_runs`, saving
-        the copy that :meth:`add_page_runs` makes. Valid until the next call."""
+        the copy :meth:`add_pages` makes. Valid until the next call."""
         if self._closed:
             raise ValueError("layer writer is closed")
         return memoryview(self._buf)[self._fill:]

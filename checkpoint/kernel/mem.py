@@ -27,9 +27,6 @@ class ProcMem:
                                  self.pid)
         return data
 
-    def readinto(self, addr: int, buf) -> int:
-        return os.preadv(self.fd, [buf], addr)
-
     def write(self, addr: int, data) -> None:
         n = os.pwrite(self.fd, data, addr)
         if n != len(data):
