@@ -18,6 +18,38 @@ happened, and no -ERESTART* value leaks into the program.
 Each injected syscall runs with SIGINT/SIGTERM deferred, so the thread is
 always at a known stop when an exception can unwind; ``__exit__`` always puts
 the thread back, also on errors.
+
+**A dying engine.** If the engine is killed while a thread runs injected
+syscalls, the kernel detaches the thread and it runs on from whatever
+registers it holds. So, where it can, the injector makes every state it
+leaves the thread in one that returns by itself to where it was frozen:
+
+- it writes a signal frame (``kernel/sigframe.py``) holding the thread's own
+  registers, FPU/AVX state and signal mask below the thread's stack pointer
+  and its red zone (where the kernel writes a frame when it delivers a
+  signal there), and keeps the bytes it overwrote; the scratch page for
+  syscall arguments is the stack page below that frame, so nothing is
+  mapped (nothing can be left mapped) and no mmap/munmap is injected;
+- each syscall is issued from a ``syscall; ret`` instruction of the
+  program's libc with ``rsp`` at that frame, whose return address is the
+  libc's ``rt_sigreturn`` trampoline (``__restore_rt``): if nobody stops the
+  thread after the call, it returns straight into its frozen state;
+- the thread's signals are blocked only after its registers point at that
+  path, and on the way out the mask, the xstate and the registers are put
+  back in that order (the registers last: until then the thread would still
+  return through the frame); then the stack bytes are put back.
+
+The memory below a stack pointer and its red zone is free by the x86_64
+ABI: the kernel may write a signal frame there at any time. (Go's goroutine
+stacks are the exception: Go takes every signal on an alternate stack, so
+on a goroutine stack that memory may belong to something else; the bytes
+are always put back, but a dying engine leaves a frame there.)
+
+Where that is not possible (no such instructions in the target, less than
+about 8 KiB of stack below its pointer, user shadow stacks, or a process
+the restorer is building) the injector works as before: a ``syscall`` in
+the vDSO, a scratch page it maps, and a dying engine can leave the thread
+broken.
 """
 
 from __future__ import annotations
@@ -28,15 +60,22 @@ import signal
 import struct
 from typing import Iterable
 
-from .errors import InjectionError, TargetExited
+from . import faults
+from .errors import CheckpointError, InjectionError, TargetExited
 from .freezer import FrozenProcess, deferred_signals, wait_stop
 from .kernel import procfs
 from .kernel import ptrace as pt
+from .kernel import sigframe
 from .kernel.mem import ProcMem  # noqa: F401  (re-exported)
 from .kernel.syscalls import NR, SYSCALL_NAME
 
 PAGE_SIZE = procfs.PAGE_SIZE
 SYSCALL_INSN = b"\x0f\x05"
+SYSCALL_RET = b"\x0f\x05\xc3"                                  # syscall; ret
+RESTORE_RT = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",      # mov $15,%rax; syscall
+              b"\xb8\x0f\x00\x00\x00\x0f\x05")               # mov $15,%eax; syscall
+RED_ZONE = 128
+GADGET_SEARCH_BUDGET = 32 << 20  # bytes of executable mappings read at most
 ALL_SIGNALS = (1 << 64) - 1
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -72,10 +111,64 @@ def find_syscall_gadget(pid: int, mem: ProcMem, vmas: Iterable[procfs.Vma] | Non
                          pid)
 
 
+_SAFE_GADGETS: dict[int, tuple[int, int]] = {}  # pid -> (syscall;ret, rt_sigreturn)
+
+
+def find_return_gadgets(pid: int, mem: ProcMem,
+                        vmas: Iterable[procfs.Vma] | None = None) -> tuple[int, int] | None:
+    """(address of ``syscall; ret``, address of an ``rt_sigreturn``
+    trampoline) in the executable file mappings of ``pid`` (libc first), or
+    None. Cached per process and re-checked by reading the bytes back."""
+    cached = _SAFE_GADGETS.get(pid)
+    if cached is not None:
+        g, r = cached
+        try:
+            if mem.read(g, 3) == SYSCALL_RET and any(mem.read(r, len(p)) == p
+                                                     for p in RESTORE_RT):
+                return cached
+        except (OSError, CheckpointError):
+            pass
+        del _SAFE_GADGETS[pid]
+    vmas = list(vmas if vmas is not None else procfs.read_maps(pid))
+    ordered = sorted((v for v in vmas if v.executable and v.is_file),
+                     key=lambda v: ("libc" not in v.path.rsplit("/", 1)[-1], v.start))
+    g = r = None
+    budget = GADGET_SEARCH_BUDGET
+    for v in ordered:
+        if budget <= 0:
+            break
+        n = min(v.size, budget)
+        budget -= n
+        try:
+            data = mem.read(v.start, n)
+        except (OSError, CheckpointError):
+            continue
+        if g is None:
+            i = data.find(SYSCALL_RET)
+            g = v.start + i if i >= 0 else None
+        if r is None:
+            for pat in RESTORE_RT:
+                i = data.find(pat)
+                if i >= 0:
+                    r = v.start + i
+                    break
+        if g is not None and r is not None:
+            _SAFE_GADGETS[pid] = (g, r)
+            return g, r
+    return None
+
+
+def _shadow_stack(pid: int, tid: int) -> bool:
+    try:
+        return "shstk" in procfs.read_status(pid, tid).raw.get("x86_Thread_features", "")
+    except CheckpointError:
+        return False
+
+
 class Injector:
     """Owns one frozen thread's registers while syscalls are injected into it."""
 
-    def __init__(self, proc: FrozenProcess, tid: int | None = None):
+    def __init__(self, proc: FrozenProcess, tid: int | None = None, *, safe: bool = True):
         self.proc = proc
         self.tid = proc.pid if tid is None else tid
         if self.tid not in proc.threads:
@@ -86,8 +179,21 @@ class Injector:
         self.saved_xstate: bytes | None = None
         self.saved_sigmask: int | None = None
         self._at_syscall_stop = False  # True once we left the original interrupt stop
+        self._masked = False  # the thread's signals are blocked (by us)
         self._scratch: int | None = None
+        self._scratch_mapped = False  # mmap'ed by us (plain mode): munmap on exit
+        self._want_safe = safe
+        # the return path of a thread whose engine died (module docstring):
+        self._ret_gadget: int | None = None  # libc "syscall; ret"
+        self._frame_at = 0          # the signal frame below the thread's stack
+        self._stack_at = 0          # lowest stack byte we use (the scratch page)
+        self._stack_saved: bytes | None = None  # what the scratch and frame cover
         self.count = 0
+
+    @property
+    def safe(self) -> bool:
+        """Whether a dying engine leaves this thread returning to its frozen state."""
+        return self._stack_saved is not None
 
     # -- context ----------------------------------------------------------
 
@@ -98,7 +204,6 @@ class Injector:
                 self.saved_regs = pt.getregs(tid)
                 self.saved_xstate = pt.getregset(tid, pt.NT_X86_XSTATE)
                 self.saved_sigmask = pt.getsigmask(tid)
-                pt.setsigmask(tid, ALL_SIGNALS)
             except OSError as exc:
                 self.saved_regs = None
                 raise self._gone_or(exc, "saving registers") from None
@@ -107,40 +212,74 @@ class Injector:
             self.mem = self.proc.mem
             if self.proc._gadget is None:
                 self.proc._gadget = find_syscall_gadget(self.proc.pid, self.mem)
+            if self._want_safe:
+                with deferred_signals():
+                    self._place_frame()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
+    def _place_frame(self) -> None:
+        """Put the signal frame and the scratch page below the thread's stack
+        (module docstring); stay in plain mode when that cannot be done."""
+        regs, tid, pid = self.saved_regs, self.tid, self.proc.pid
+        if _shadow_stack(pid, tid):
+            return
+        gadgets = find_return_gadgets(pid, self.mem, self.proc.maps())
+        if gadgets is None:
+            return
+        top = (regs.rsp - RED_ZONE) & ~15
+        at = (top - sigframe.span(len(self.saved_xstate))) & ~15
+        lo = (at - PAGE_SIZE) & ~63
+        stack = next((v for v in self.proc.maps() if v.start <= regs.rsp - 1 < v.end), None)
+        if stack is None or not stack.writable or lo < stack.start:
+            return
+        frame = sigframe.build(at, gadgets[1], regs, self.saved_xstate, self.saved_sigmask)
+        saved = self.mem.read(lo, top - lo)
+        self._stack_saved = saved   # from here on the bytes are put back, whatever happens
+        self._stack_at, self._frame_at, self._ret_gadget = lo, at, gadgets[0]
+        self._scratch = lo
+        self.mem.write(at, frame)
+
     def __exit__(self, *exc) -> None:
         with deferred_signals():
             try:
-                if self._scratch is not None and exc[0] is not TargetExited:
+                if self._scratch_mapped and exc[0] is not TargetExited:
                     try:
                         self._syscall(NR["munmap"], self._scratch, PAGE_SIZE)
                     except Exception:
                         pass
-                    self._scratch = None
+                self._scratch, self._scratch_mapped = None, False
                 self._restore()
             finally:
                 self.thread.injected = False
 
     def _restore(self) -> None:
-        """Park the thread in an interrupt stop, then put back regs, xstate, mask."""
+        """Park the thread in an interrupt stop, then put back its mask, its
+        xstate and last its registers (until then a dying engine's thread
+        still returns through the frame), then the stack under the frame."""
         if self.saved_regs is None:
             return
         tid = self.tid
         try:
             if self._at_syscall_stop:
                 self._park()
-            pt.setregs(tid, self.saved_regs)
-            pt.setregset(tid, pt.NT_X86_XSTATE, self.saved_xstate)
+            faults.point("inject.restore")
             pt.setsigmask(tid, self.saved_sigmask)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH and not os.path.exists(f"/proc/{self.proc.pid}/task/{tid}"):
+            pt.setregset(tid, pt.NT_X86_XSTATE, self.saved_xstate)
+            pt.setregs(tid, self.saved_regs)
+            self._masked = False
+            if self._stack_saved is not None:
+                self.mem.write(self._stack_at, self._stack_saved)
+                self._stack_saved = None
+        except (OSError, CheckpointError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ESRCH and \
+                    not os.path.exists(f"/proc/{self.proc.pid}/task/{tid}"):
                 return  # the thread died (SIGKILL): nothing left to restore
+            why = os.strerror(exc.errno) if isinstance(exc, OSError) else str(exc)
             raise InjectionError(f"could not restore thread {tid} of {self.proc.pid}: "
-                                 f"{os.strerror(exc.errno)}", self.proc.pid) from None
+                                 f"{why}", self.proc.pid) from None
 
     def _park(self) -> None:
         pt.interrupt(self.tid)
@@ -176,7 +315,10 @@ class Injector:
         if len(args) > 6:
             raise ValueError("at most 6 syscall arguments")
         regs = pt.user_regs_struct.from_buffer_copy(self.saved_regs)
-        regs.rip = self.proc._gadget
+        if self._stack_saved is not None:
+            regs.rip, regs.rsp = self._ret_gadget, self._frame_at
+        else:
+            regs.rip = self.proc._gadget
         regs.rax = nr
         regs.orig_rax = _u64(-1)
         for name, value in zip(_ARG_REGS, args):
@@ -184,6 +326,10 @@ class Injector:
         tid = self.tid
         try:
             pt.setregs(tid, regs)
+            if not self._masked:  # only once the registers lead back to the frame
+                pt.setsigmask(tid, ALL_SIGNALS)
+                self._masked = True
+            faults.point("inject.entry")
             self._step_to_syscall_stop()  # entry
             self._at_syscall_stop = True
             self._step_to_syscall_stop()  # exit
@@ -191,6 +337,7 @@ class Injector:
         except OSError as exc:
             raise self._gone_or(exc, f"injecting {SYSCALL_NAME.get(nr, nr)}") from None
         self.count += 1
+        faults.point("inject.exit")
         return res
 
     def _step_to_syscall_stop(self) -> None:
@@ -213,6 +360,7 @@ class Injector:
         if st.exited:
             self.proc._forget(self.tid)
             self.saved_regs = None
+            self._stack_saved = None
             raise TargetExited(f"process {self.proc.pid} {st.describe()} during syscall"
                                " injection", self.proc.pid)
         return st
@@ -240,16 +388,17 @@ class Injector:
     def forget_scratch(self) -> None:
         """The scratch page was unmapped by an injected call (the restorer
         clears the whole address space): map a new one on next use."""
-        self._scratch = None
+        self._scratch, self._scratch_mapped = None, False
 
     @property
     def scratch(self) -> int:
-        """A private RW page mapped in the target for syscall arguments;
-        unmapped when the injector exits."""
+        """A page of the target's memory for syscall arguments: the stack
+        page below the injector's signal frame (put back on exit), or in
+        plain mode a private RW page mapped now and unmapped on exit."""
         if self._scratch is None:
-            addr = self.call("mmap", 0, PAGE_SIZE, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, _u64(-1), 0)
-            self._scratch = addr
+            self._scratch = self.call("mmap", 0, PAGE_SIZE, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, _u64(-1), 0)
+            self._scratch_mapped = True
         return self._scratch
 
     def read(self, addr: int, size: int) -> bytes:

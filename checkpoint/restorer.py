@@ -349,7 +349,9 @@ class _Builder:
                  len(rec["core"]))
         cores = {c.tid: c for c in rec["core"]}
         leader = rec["pstree"].pid
-        with Injector(proc, proc.pid) as r:
+        # safe=False: a half-built process has nothing to return to; it dies
+        # with the engine instead
+        with Injector(proc, proc.pid, safe=False) as r:
             self._what = "placeholder rseq"
             cfg = pt.get_rseq_configuration(proc.pid)
             if cfg.pointer:
@@ -573,7 +575,7 @@ class _Builder:
         tid = new.pop()
         self.proc.threads[tid] = FrozenThread(tid)  # auto-attached (TRACECLONE)
         self.proc._await_interrupt_stop(tid)
-        with Injector(self.proc, tid) as rc:
+        with Injector(self.proc, tid, safe=False) as rc:
             self._thread_state(rc, core)
             rc.install_on_exit(*self._final_state(core))
 

@@ -7,6 +7,7 @@
  *   - an -ERESTART* value (512..516) leaking into errno,
  *   - ymm8 or MXCSR (rounding mode) changing under it,
  *   - a double/long register invariant breaking,
+ *   - its signal mask changing (a thread left with every signal blocked),
  * as an "ERR ..." line and in the error count.
  *
  * stdin commands: "status" prints a STATUS line, "quit" prints it and exits.
@@ -48,6 +49,19 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static sigset_t worker_mask; /* every thread but main blocks SIGRTMIN only */
+
+static void check_mask(void)
+{
+	sigset_t cur;
+	pthread_sigmask(SIG_BLOCK, NULL, &cur);
+	for (int s = 1; s < NSIG; s++)
+		if (sigismember(&cur, s) != sigismember(&worker_mask, s)) {
+			err("signal mask changed at signal", s);
+			return;
+		}
+}
+
 static void check_errno(const char *what, long ret)
 {
 	if (ret < 0 && errno >= 512 && errno <= 516)
@@ -67,6 +81,7 @@ static void *sleeper(void *a)
 		check_errno("nanosleep", r);
 		if (r == 0 && dt < 0.030)
 			err("nanosleep returned early (us)", (long)(dt * 1e6));
+		check_mask();
 		atomic_fetch_add(&sleeps, 1);
 	}
 	return NULL;
@@ -87,6 +102,7 @@ static void *reader(void *a)
 		if (got != expect)
 			err("pipe sequence broken", got);
 		expect = got + 1;
+		check_mask();
 		atomic_fetch_add(&reads, 1);
 	}
 	return NULL;
@@ -139,6 +155,7 @@ static void *poller(void *a)
 			err("poll: idle pipe readable", r);
 		if (r == 0 && dt < 0.039)
 			err("poll returned early (us)", (long)(dt * 1e6));
+		check_mask();
 		atomic_fetch_add(&polls, 1);
 	}
 	return NULL;
@@ -177,6 +194,7 @@ static void *avx_spinner(void *a)
 		volatile double third = 1.0, three = 3.0;
 		if (third / three <= 0.3333333333333333)
 			err("rounding not upward", 0);
+		check_mask();
 		atomic_fetch_add(&avx_loops, 1);
 	}
 	return NULL;
@@ -194,6 +212,7 @@ static void *fpu_spinner(void *a)
 		}
 		if ((double)i != d)
 			err("fpu invariant broken", i);
+		check_mask();
 		atomic_fetch_add(&fpu_loops, 1);
 	}
 	return NULL;
@@ -243,6 +262,7 @@ int main(void)
 		return 1;
 	sigemptyset(&rt);
 	sigaddset(&rt, SIGRTMIN);
+	worker_mask = rt;
 	sigaction(SIGRTMIN, &sa, NULL);
 	pthread_sigmask(SIG_BLOCK, &rt, NULL); /* inherited by every thread */
 	for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
