@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 
+from . import interrupt
 from .errors import CheckpointError, Interrupted
-from .freezer import terminate_unwinds
 
 # One line per verb module; the module registers its own sub-parsers.
 COMMAND_MODULES = [
@@ -43,14 +44,21 @@ def emit_json(obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` that thaws a
-    # target or puts back an injected thread's registers still runs.
+    # First thing (before the verbs' modules are imported): SIGINT, SIGTERM,
+    # SIGHUP and SIGQUIT only set a flag; the engine stops at its next safe
+    # point (checkpoint/interrupt.py). An in-process caller gets its own
+    # handlers back when main returns.
+    with interrupt.installed():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
-        with terminate_unwinds():
-            return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        interrupt.check()          # a stop asked for while starting up
+        code = int(args.func(args) or 0)
+    except KeyboardInterrupt:      # only before install() took effect
         print("checkpoint: interrupted; targets were released", file=sys.stderr)
         return Interrupted.exit_code
     except CheckpointError as exc:
@@ -58,3 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 1
+    sig = interrupt.pending()
+    if sig is not None:  # arrived after the commit point: the work is done
+        print(f"checkpoint: {signal.Signals(sig).name} received after the work was "
+              "complete; nothing was undone", file=sys.stderr)
+    return code

@@ -24,7 +24,10 @@ from array import array
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
+from . import faults
 from .freezer import FrozenProcess, freeze_process
+from .interrupt import check as check_stop
+from .interrupt import stoppable
 from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
 from .images.format import KIND_DUMP, KIND_PREDUMP
 from .images.pb import tracking_pb2
@@ -42,6 +45,7 @@ from .tracking.base import (REGION_ZERO, Tracker, choose_tracker, content_scan_k
                             vma_key)
 from .kernel.pagemap import PAGE_IS_PRESENT
 from .kernel.syscalls import IOV_MAX, process_vm_readv_scatter
+from .tracking import parked
 from .tracking.scan import PagemapScanner, batch_pages
 
 READ_CHUNK = 1 << 20
@@ -64,6 +68,7 @@ class DumpStats:
     pages_written: int
     pages_skipped_parent: int
     pages_zero: int
+    pages_vanished: int  # unmapped by the program before a pre-dump read them
     bytes_raw: int
     bytes_stored: int
     path: str
@@ -193,12 +198,20 @@ class Checkpointer:
         return self._round(final=True, leave_running=leave_running)
 
     def _round(self, *, final: bool, leave_running: bool) -> DumpStats:
+        # SIGINT/SIGTERM only set a flag meanwhile; check_stop() acts on it
+        # where stopping is safe (checkpoint/interrupt.py)
+        with stoppable():
+            check_stop()
+            return self._do_round(final=final, leave_running=leave_running)
+
+    def _do_round(self, *, final: bool, leave_running: bool) -> DumpStats:
         self._load_chain_state()
         tracker = self.tracker
         kind = KIND_DUMP if final else KIND_PREDUMP
         writer = self._open_writer(kind, tracker.name)
         progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
         proc: FrozenProcess | None = None
+        lost: list[tuple[int, int]] = []  # ranges that vanished before they were read
         try:
             # smaps is costly (the kernel walks every page table for its
             # counters): a final dump reads it before freezing and, inside,
@@ -207,6 +220,7 @@ class Checkpointer:
             t_frozen = time.perf_counter()
             proc = freeze_process(self.pid, self.freeze_timeout)
             try:
+                faults.point("round.frozen")
                 tracker.bind(proc)
                 full_reason = tracker.full_reason(self.pid) or ""
                 log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
@@ -214,22 +228,33 @@ class Checkpointer:
                          f" (full layer: {full_reason})" if full_reason else "")
                 records = self._metadata(proc, final, smaps_before)
                 vmas = records.pop("_vmas")
+                check_stop()
                 tracker.whole_vmas.clear()
                 regions = _collect(tracker, self.pid, vmas)
+                faults.point("round.collected")
                 if not final:  # a final dump ends the chain: nothing to arm for
                     tracker.arm(self.pid, vmas)
+                    faults.point("round.armed")
                 if self.on_frozen is not None:
                     self.on_frozen(proc)
-                records["tracker"] = tracking_pb2.TrackerStateEntry(
-                    pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
-                    full_reason=full_reason)
                 log.info("%d VMAs, %d pages to write", len(vmas), regions.data_pages)
                 if not final:
                     proc.thaw()
                     frozen_ms = (time.perf_counter() - t_frozen) * 1e3
                     log.info("thawed after %.2f ms; writing pages while it runs", frozen_ms)
+                    faults.point("round.thawed")
                 t_mem = time.perf_counter()
-                mem_ms = self._write_pages(writer, regions, progress)
+                mem_ms = self._write_pages(writer, regions, progress,
+                                           lost=None if final else lost)
+                faults.point("round.written")
+                if lost:
+                    tracker.lost(lost)
+                    log.info("%d ranges (%d pages) vanished before they were read; the next "
+                             "round takes their VMAs whole", len(lost),
+                             sum(e - s for s, e in lost) // PAGE_SIZE)
+                records["tracker"] = tracking_pb2.TrackerStateEntry(
+                    pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
+                    full_reason=full_reason)
                 if full_reason:
                     present = 0
                 elif final:  # inside the freeze: the smaps counters read just before it
@@ -244,13 +269,18 @@ class Checkpointer:
                 for m in (msg if isinstance(msg, list) else [msg]):
                     writer.add_record(kind_, m)
             pages_scanned = sum(v.pages for v in vmas if trackable(v))
-            skipped = max(0, present - regions.data_pages)
+            vanished = sum(e - s for s, e in lost) // PAGE_SIZE
+            skipped = max(0, present - regions.data_pages + vanished)
             write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
             if final:  # still frozen; the layer's record stops short of its own publication
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
+            check_stop()
+            faults.point("round.publish")
             st = writer.close(freezing_ms=proc.freezing_ms, frozen_ms=frozen_ms,
                               memdump_ms=mem_ms, memwrite_ms=write_ms,
                               pages_scanned=pages_scanned, pages_skipped_parent=skipped)
+            # the commit point: from here on the round completes, signals or not
+            faults.point("round.published")
             write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
             if final:  # the whole window, publication (fsync, rename) included
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
@@ -284,8 +314,8 @@ class Checkpointer:
                          frozen_ms=frozen_ms, memdump_ms=mem_ms, memwrite_ms=write_ms,
                          pages_scanned=pages_scanned, pages_written=st.pages,
                          pages_skipped_parent=skipped,
-                         pages_zero=st.pages_zero, bytes_raw=st.bytes_raw,
-                         bytes_stored=st.bytes_stored, path=st.path)
+                         pages_zero=st.pages_zero, pages_vanished=vanished,
+                         bytes_raw=st.bytes_raw, bytes_stored=st.bytes_stored, path=st.path)
 
     def _failed(self, writer, proc: FrozenProcess | None, exc: BaseException) -> None:
         """A round that did not publish its layer: drop the layer, release the
@@ -328,17 +358,24 @@ class Checkpointer:
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
         if final:
             out["core"] = cores
-            parked = _engine_fds(self.tracker, pid)
-            out["files"] = dump_files(proc, external=self.external_fds, exclude_fds=parked)
+            # the engine's own fds parked there, by any chain or engine run
+            out["files"] = dump_files(proc, external=self.external_fds,
+                                      exclude_fds=parked.engine_fds(pid))
         out["_vmas"] = vmas
         return out
 
-    def _write_pages(self, writer, regions: "Regions", progress: "Progress") -> float:
+    def _write_pages(self, writer, regions: "Regions", progress: "Progress",
+                     lost: list[tuple[int, int]] | None = None) -> float:
         """Read the data regions from the target straight into the writer's
         frame buffer, in address order, zero regions as zero. Scattered
         regions are read together: one process_vm_readv for up to IOV_MAX of
         them, falling back to /proc/PID/mem for what it cannot read (PROT_NONE
-        pages). Returns ms spent reading."""
+        pages). Returns ms spent reading.
+
+        With ``lost`` (a pre-dump, reading after the thaw) a range the
+        program unmapped meanwhile is not an error: it is left out of the
+        layer and appended to ``lost`` (the tracker then takes its VMA whole
+        next round). Inside a freeze nothing can vanish: any failure is one."""
         pid = self.pid
         try:
             fd = procfs.open_proc_fd(pid, "mem")
@@ -355,22 +392,42 @@ class Checkpointer:
             nonlocal fill, read_s, space
             if not runs:
                 return
+            check_stop()
+            faults.point("round.pages")
             t = time.perf_counter()
             try:
                 got = process_vm_readv_scatter(pid, space[:fill], iov)
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise TargetExited(f"process {pid} exited during the dump", pid) from None
                 got = -1
+            kept = runs
             if got != fill:  # some range not readable that way: the slow, sure path
-                o = 0
+                kept, o = [], 0
                 for a, n in runs:
-                    if os.preadv(fd, [space[o:o + n * PAGE_SIZE]], a) != n * PAGE_SIZE:
+                    try:
+                        ok = os.preadv(fd, [space[o:o + n * PAGE_SIZE]], a) == n * PAGE_SIZE
+                    except OSError as exc:
+                        if exc.errno == errno.ESRCH:
+                            raise TargetExited(f"process {pid} exited during the dump",
+                                               pid) from None
+                        if exc.errno not in (errno.EIO, errno.EFAULT, errno.ENOMEM):
+                            raise
+                        ok = False
+                    if ok:
+                        kept.append((a, n))
+                        o += n * PAGE_SIZE
+                    elif lost is None:
                         raise TargetExited(f"process {pid}: memory at {a:#x} vanished during "
                                            "the dump", pid)
-                    o += n * PAGE_SIZE
+                    else:
+                        lost.append((a, a + n * PAGE_SIZE))
+                fill = o
             read_s += time.perf_counter() - t
             space.release()
-            writer.commit_runs(pid, runs, fill)
-            progress.advance(fill // PAGE_SIZE)
+            if kept:
+                writer.commit_runs(pid, kept, fill)
+            progress.advance(sum(n for _, n in runs))
             runs.clear()
             del iov[:]
             fill = 0
@@ -472,16 +529,6 @@ def _fill_gaps(v: procfs.Vma, rows: list) -> list:
 
 def _leader(proc: FrozenProcess) -> int:
     return proc.pid if proc.pid in proc.threads else proc.tids[0]
-
-
-def _engine_fds(tracker: Tracker | None, pid: int) -> set[int]:
-    """fds the engine parked in the target (not the program's)."""
-    out = set()
-    for name in ("uffd_fd", "tag_fd"):
-        fd = getattr(tracker, name, -1)
-        if isinstance(fd, int) and fd >= 0:
-            out.add(fd)
-    return out
 
 
 def _with_smaps_flags(vmas: list[procfs.Vma],

@@ -18,8 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import (CheckpointError, FreezeError, Interrupted, NoSuchProcess,
-                     PermissionDenied, TargetError, TargetExited)
+from .errors import (CheckpointError, FreezeError, NoSuchProcess, PermissionDenied,
+                     TargetError, TargetExited)
+from .interrupt import check as check_stop
+from .interrupt import stoppable
 from .kernel import procfs
 from .kernel import ptrace as pt
 
@@ -101,6 +103,7 @@ class FrozenProcess:
     freezing_ms: float = 0.0
     _gadget: int | None = None
     _mem: "ProcMem | None" = None
+    _maps: "list[procfs.Vma] | None" = None
 
     @property
     def mem(self) -> "ProcMem":
@@ -109,6 +112,13 @@ class FrozenProcess:
             from .kernel.mem import ProcMem
             self._mem = ProcMem(self.pid)
         return self._mem
+
+    def maps(self) -> list[procfs.Vma]:
+        """/proc/PID/maps as read once in this freeze (the layout cannot change
+        while every thread is stopped, but for the engine's own scratch pages)."""
+        if self._maps is None:
+            self._maps = procfs.read_maps(self.pid)
+        return self._maps
 
     @property
     def tids(self) -> list[int]:
@@ -120,6 +130,7 @@ class FrozenProcess:
         t0 = time.perf_counter()
         self._wait_out_uninterruptible()
         while True:
+            check_stop()
             new = [t for t in procfs.list_tasks(self.pid)
                    if t not in self.threads and t not in self.gone]
             new = [t for t in new if _task_state(t) not in ("Z", "X", "")]
@@ -145,6 +156,7 @@ class FrozenProcess:
             stuck = [t for t in procfs.list_tasks(self.pid) if _task_state(t) == "D"]
             if not stuck:
                 return
+            check_stop()
             if time.monotonic() > deadline:
                 raise FreezeError(f"thread {stuck[0]} of process {self.pid} stays in "
                                   "uninterruptible sleep (state D: in vfork, or waiting on "
@@ -384,34 +396,16 @@ def freeze_process(pid: int, timeout: float = DEFAULT_TIMEOUT) -> FrozenProcess:
     raise AssertionError("unreachable")
 
 
-def _raise_terminated(signum, _frame):
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}; targets were released")
-
-
-@contextmanager
-def terminate_unwinds() -> Iterator[None]:
-    """While a target is frozen, make SIGTERM/SIGHUP unwind like Ctrl-C
-    instead of killing the engine outright (which would leave an injected
-    thread with foreign registers). Only where Python's default would kill."""
-    import threading
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(s) is signal.SIG_DFL:
-                old[s] = signal.signal(s, _raise_terminated)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 @contextmanager
 def freeze(pid: int, timeout: float = DEFAULT_TIMEOUT) -> Iterator[FrozenProcess]:
-    """Context manager: every thread frozen inside, always thawed on exit."""
-    with terminate_unwinds():
-        proc = freeze_process(pid, timeout)
-        try:
-            yield proc
-        finally:
+    """Context manager: every thread frozen inside, always thawed on exit.
+    A stop signal during the freeze itself is acted on once it is safe; the
+    body runs with the caller's own signal handlers."""
+    proc = None
+    try:
+        with stoppable():
+            proc = freeze_process(pid, timeout)
+        yield proc
+    finally:
+        if proc is not None:
             proc.thaw()

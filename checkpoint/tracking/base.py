@@ -160,6 +160,15 @@ class Tracker(ABC):
         self._vmas = {vma_key(v) for v in vmas}
         self._reason = None
 
+    def lost(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """The layer just written lacks the pages of ``ranges`` ((start, end)
+        pairs the tracker reported but that vanished before they were read,
+        i.e. the program unmapped them after the thaw): the next round must
+        report every VMA they touch whole. Called before ``state_bytes``."""
+        ranges = list(ranges)
+        self._vmas = {k for k in self._vmas
+                      if not any(s < k[1] and k[0] < e for s, e in ranges)}
+
     def is_new(self, vma: Vma) -> bool:
         return vma_key(vma) not in self._vmas
 

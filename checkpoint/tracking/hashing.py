@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 CHUNK_PAGES = 512
 CHUNK_SHIFT = PAGE_SHIFT + 9
 ABSENT = 0
+POISON = 1  # matches no page: a digest of exactly 1 has odds 2**-64, like a collision
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -194,6 +195,13 @@ class HashTracker(Tracker):
             raise CheckpointError("hash tracker armed without a collect in this freeze")
         self._chunks, self._pending = self._pending, None
         super().arm(pid, vmas)
+
+    def lost(self, ranges) -> None:
+        """Pages reported but not read: poison their digests, so that the
+        next round finds them changed whatever they then hold."""
+        super().lost(ranges)
+        for s, e in ranges:
+            self._fill(self._chunks, s, e, POISON)
 
     def reset(self, reason: str) -> None:
         super().reset(reason)

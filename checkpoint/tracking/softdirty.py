@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from ..errors import CheckpointError, KernelFeatureError, NoSuchProcess
 from ..kernel.pagemap import PAGE_IS_SOFT_DIRTY, PM_SOFT_DIRTY
 from ..kernel.procfs import PAGE_SIZE, Vma, open_proc_fd
+from . import parked
 from .base import REGION_ZERO, DirtyBatch, Tracker, content_scan_kw, no_content_scan_kw, register, trackable
 from .scan import PagemapScanner, make_batch, pagemap_runs, probe_pagemap_scan, read_pagemap_entries
 
@@ -74,12 +75,20 @@ def _entry(path: str, addr: int) -> int:
 
 
 @register
-class SoftDirtyTracker(Tracker):
+class SoftDirtyTracker(parked.TagState, Tracker):
+    """With a frozen process bound (the dumper's rounds), a tag is parked in
+    the target and advanced before each clear_refs (tracking/parked.py), so
+    a round that dies after clearing and before publishing makes the next
+    layer full, and a second chain clearing the bits is noticed. Unbound
+    (a bare collect/arm loop in one process) it keeps no tag."""
+
     name = "soft-dirty"
 
     def __init__(self, *, vec_len: int = 1024, use_ioctl: bool | None = None,
                  pagemap_buffer: int = 512 << 10):
         super().__init__(vec_len=vec_len)
+        self.proc = None
+        self._init_tag()
         if use_ioctl is None:
             try:
                 probe_pagemap_scan()
@@ -92,6 +101,18 @@ class SoftDirtyTracker(Tracker):
     @classmethod
     def probe(cls) -> str | None:
         return soft_dirty_probe()
+
+    def bind(self, proc) -> None:
+        self.proc = proc
+        self._in_flight = False
+
+    def full_reason(self, pid: int) -> str | None:
+        reason = super().full_reason(pid)
+        if reason is None and self.proc is not None:
+            why = self._check_tag(pid)
+            if why is not None:
+                self.reset(why)
+        return self._reason
 
     def collect(self, pid: int, vmas: Iterable[Vma]) -> Iterator[DirtyBatch]:
         vmas = [v for v in vmas if trackable(v)]
@@ -125,6 +146,17 @@ class SoftDirtyTracker(Tracker):
             os.close(fd)
 
     def arm(self, pid: int, vmas: Iterable[Vma]) -> None:
+        if self.proc is not None:
+            if self._reason is not None or self._check_tag(pid) is not None:
+                found = parked.find_parked(pid, self.name)
+                if found is not None:   # take it over: our token from now on
+                    self.tag_fd = found.tag_fd
+                else:
+                    from ..inject import Injector
+                    with Injector(self.proc, self.proc.pid if self.proc.pid in self.proc.threads
+                                  else self.proc.tids[0]) as remote:
+                        self._park_new_tag(remote)
+            self._advance(pid)  # in flight before the bits are cleared
         try:
             with open(f"/proc/{pid}/clear_refs", "wb") as f:
                 f.write(CLEAR_SOFT_DIRTY)
@@ -134,6 +166,22 @@ class SoftDirtyTracker(Tracker):
             raise CheckpointError(f"cannot clear soft-dirty bits of process {pid}: "
                                   f"{exc.strerror}") from None
         super().arm(pid, vmas)
+
+
+    def state_bytes(self) -> bytes:
+        import json
+        d = json.loads(super().state_bytes())
+        return json.dumps({**d, **self._tag_state()}).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes, **kw) -> "SoftDirtyTracker":
+        import json
+        t = super().from_state(data, **kw)
+        try:
+            t._load_tag_state(json.loads(data))
+        except (ValueError, KeyError, TypeError):
+            t.reset("the chain's soft-dirty state has no tracking tag (older engine)")
+        return t
 
 
 def _mark_zero(batch: memoryview) -> memoryview:

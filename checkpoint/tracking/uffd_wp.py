@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 
 from ..errors import CheckpointError, ImageError, InjectionError
@@ -45,31 +44,24 @@ from ..kernel import uffd as U
 from ..kernel.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN
 from ..kernel.procfs import Vma
 from ..kernel.syscalls import pidfd_getfd, pidfd_open
+from . import parked
 from .base import (REGION_ZERO, DirtyBatch, Tracker, register,
                    trackable, vma_key)
 from .scan import PagemapScanner, make_batch
 
-TAG_NAME = "checkpoint-track"
-F_DUPFD_CLOEXEC = 1030
-MFD_CLOEXEC = 1
-O_RDWR = 2
-
-
-def _tag_link() -> str:
-    return f"/memfd:{TAG_NAME} (deleted)"
+TAG_NAME = parked.TAG_NAME
+F_DUPFD_CLOEXEC = parked.F_DUPFD_CLOEXEC
 
 
 @register
-class UffdWpTracker(Tracker):
+class UffdWpTracker(parked.TagState, Tracker):
     name = "uffd-wp"
 
     def __init__(self, *, vec_len: int = 1024):
         super().__init__(vec_len=vec_len)
         self.proc = None  # FrozenProcess, set by bind() for each freeze
-        self.token = secrets.token_hex(8)
-        self.round = 0
-        self.uffd_fd = -1  # parked fd numbers in the target
-        self.tag_fd = -1
+        self._init_tag()
+        self.uffd_fd = -1  # the parked uffd in the target
         self._engine_copy = -1  # our own copy of the uffd, while we run
         self._unregisterable: dict[tuple, str] = {}  # vma_key -> why (fallback: full content)
 
@@ -85,6 +77,7 @@ class UffdWpTracker(Tracker):
     def bind(self, proc) -> None:
         """Give the tracker the frozen process of this round (for injection)."""
         self.proc = proc
+        self._in_flight = False
 
     # -- validity of the parked state ----------------------------------------
 
@@ -98,41 +91,14 @@ class UffdWpTracker(Tracker):
         return self._reason
 
     def _check_parked(self, pid: int) -> str | None:
-        tag = self._read_tag(pid, self.tag_fd)
-        if tag is None:
-            return "tracking state lost: the target no longer holds the parked uffd/tag fds"
-        if tag.get("token") != self.token:
-            return "tracking taken over by another engine or chain (token differs)"
-        if tag.get("round") != self.round:
-            return (f"tracking state is at round {tag.get('round')}, this chain at {self.round}"
-                    " (another engine ran a round)")
-        if _fd_link(pid, self.uffd_fd) != "anon_inode:[userfaultfd]" or \
-                tag.get("uffd") != self.uffd_fd:
-            return "tracking state lost: the parked uffd was closed or replaced"
-        return None
+        why = self._check_tag(pid)
+        if why is None and (parked.fd_link(pid, self.uffd_fd) != parked.UFFD_LINK or
+                            parked.read_tag(pid, self.tag_fd).get("uffd") != self.uffd_fd):
+            why = "tracking state lost: the parked uffd was closed or replaced"
+        return why
 
-    @staticmethod
-    def _read_tag(pid: int, fd: int) -> dict | None:
-        if fd < 0 or _fd_link(pid, fd) != _tag_link():
-            return None
-        try:
-            with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
-                return json.loads(f.read(4096) or b"{}")
-        except (OSError, ValueError):
-            return None
-
-    def _write_tag(self, pid: int) -> None:
-        data = json.dumps({"token": self.token, "round": self.round,
-                           "uffd": self.uffd_fd}).encode()
-        try:
-            fd = os.open(f"/proc/{pid}/fd/{self.tag_fd}", os.O_WRONLY | os.O_TRUNC)
-        except OSError as exc:
-            raise CheckpointError(f"cannot update the tracking tag of process {pid}: "
-                                  f"{exc.strerror}") from None
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+    def _tag(self) -> dict:
+        return {**super()._tag(), "uffd": self.uffd_fd}
 
     # -- a round -----------------------------------------------------------
 
@@ -152,6 +118,7 @@ class UffdWpTracker(Tracker):
                     return_mask=0) for r in b.tolist()]
                 if holes:
                     yield DirtyBatch(vma, make_batch((s, e, REGION_ZERO) for s, e, _ in holes))
+                self._advance(pid)  # in flight before anything is cleared (parked.py)
                 for batch in scanner.wp_get_and_clear(vma.start, vma.end):
                     if holes:
                         batch = _subtract(batch, holes)
@@ -170,8 +137,8 @@ class UffdWpTracker(Tracker):
 
     def arm(self, pid: int, vmas: Iterable[Vma]) -> None:
         """Register what is not yet registered, take the baseline of the new
-        VMAs (everything on a full round), park the state, bump the round.
-        Same freeze as the layer it belongs to."""
+        VMAs (everything on a full round), park the state. Same freeze as
+        the layer it belongs to."""
         if self.proc is None or self.proc.pid != pid:
             raise CheckpointError("uffd-wp tracker: bind(frozen_process) before arm()")
         vmas = [v for v in vmas if trackable(v)]
@@ -180,6 +147,7 @@ class UffdWpTracker(Tracker):
         with Injector(self.proc, _injectable_tid(self.proc)) as remote:
             if full or self._check_parked(pid) is not None:
                 self._create(remote)
+            self._advance(pid)  # before the baselines clear anything
             with PagemapScanner(pid, self.vec_len, max_pages=self.max_pages) as scanner:
                 todo = [v for v in vmas
                         if full or self.is_new(v) or not self._registered(scanner, v)]
@@ -192,41 +160,37 @@ class UffdWpTracker(Tracker):
                         continue
                     for _ in scanner.wp_get_and_clear(v.start, v.end):
                         pass  # baseline: the layer of this freeze holds these pages
-            self.round += 1
-            self._write_tag(pid)
         super().arm(pid, vmas)
 
     def _create(self, remote) -> None:
         """Take over the uffd parked by an earlier engine if the target holds
         one (a VMA can be registered with one uffd only), else park a fresh
-        uffd and tag memfd at high fds of the target. Either way the tag gets
-        our token: any other engine's next round will be full."""
+        tag memfd and uffd at high fds of the target, the tag first (so a
+        dying engine leaves recognisable fds: tracking/parked.py). Either way
+        the tag gets our token: any other chain's next round will be full.
+        The round counter only grows, so a lost round never matches."""
         pid = self.proc.pid
         self._close_engine_copy()
         self._unregisterable = {}
-        self.round = 0
-        found = _find_parked(pid)
-        if found is not None:
-            self.uffd_fd, self.tag_fd = found
+        self._in_flight = False
+        found = parked.find_parked(pid, self.name)
+        if found is not None and found.uffd_fd >= 0:
+            self.tag_fd, self.uffd_fd = found.tag_fd, found.uffd_fd
             self._take_engine_copy(pid)
             return
-        # (an fd we parked before whose tag is gone is left alone: we cannot
-        # prove it is still ours, and the target's fds are not ours to close)
+        # (a uffd without its tag, or a tag whose uffd is gone, is left alone:
+        # the target's fds are not ours to close; engine_fds() still knows them)
+        self.uffd_fd = -1
+        self._park_new_tag(remote)
         ufd = remote.call("userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK | U.UFFD_USER_MODE_ONLY)
         try:
             api = U.uffdio_api(U.UFFD_API, U.UFFD_FEATURE_WP_ASYNC | U.UFFD_FEATURE_WP_UNPOPULATED, 0)
             remote.write(remote.scratch, bytes(api))
             remote.call("ioctl", ufd, U.UFFDIO_API, remote.scratch)
-            base = _high_fd_base(pid)
-            self.uffd_fd = remote.call("fcntl", ufd, F_DUPFD_CLOEXEC, base)
+            self.uffd_fd = remote.call("fcntl", ufd, F_DUPFD_CLOEXEC, self.tag_fd + 1)
         finally:
             remote.syscall("close", ufd)
-        remote.write(remote.scratch, TAG_NAME.encode() + b"\0")
-        mfd = remote.call("memfd_create", remote.scratch, MFD_CLOEXEC)
-        try:
-            self.tag_fd = remote.call("fcntl", mfd, F_DUPFD_CLOEXEC, self.uffd_fd + 1)
-        finally:
-            remote.syscall("close", mfd)
+        parked.write_tag(pid, self.tag_fd, self._tag())
         self._take_engine_copy(pid)
 
     def _register(self, remote, vma: Vma) -> str | None:
@@ -277,8 +241,7 @@ class UffdWpTracker(Tracker):
 
     def state_bytes(self) -> bytes:
         return json.dumps({
-            "tracker": self.name, "token": self.token, "round": self.round,
-            "uffd_fd": self.uffd_fd, "tag_fd": self.tag_fd,
+            "tracker": self.name, **self._tag_state(), "uffd_fd": self.uffd_fd,
             "mm": (self._mm or b"").hex(), "armed": self._reason is None,
             "vmas": sorted(list(k) for k in self._vmas),
             "unregisterable": [[list(k), w] for k, w in self._unregisterable.items()],
@@ -291,53 +254,15 @@ class UffdWpTracker(Tracker):
             if d.get("tracker") != cls.name:
                 raise ValueError("not a uffd-wp state")
             t = cls(**kw)
-            t.token, t.round = d["token"], d["round"]
-            t.uffd_fd, t.tag_fd = d["uffd_fd"], d["tag_fd"]
+            t._load_tag_state(d)
+            t.uffd_fd = int(d["uffd_fd"])
             t._mm = bytes.fromhex(d["mm"]) or None
             t._vmas = {tuple(k) for k in d["vmas"]}
-            t._unregisterable = {tuple(k): w for k, w in d["unregisterable"]}
+            t._unregisterable = {tuple(k): str(w) for k, w in d["unregisterable"]}
             t._reason = None if d["armed"] else "first round"
         except (ValueError, KeyError, TypeError) as exc:
             raise ImageError(f"corrupt uffd-wp tracker state: {exc}") from None
         return t
-
-
-def _fd_link(pid: int, fd: int) -> str | None:
-    if fd < 0:
-        return None
-    try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-
-
-def _find_parked(pid: int) -> tuple[int, int] | None:
-    """(uffd fd, tag fd) parked in ``pid`` by any engine, if both are intact."""
-    try:
-        fds = [int(x) for x in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        return None
-    for fd in fds:
-        if _fd_link(pid, fd) == _tag_link():
-            tag = UffdWpTracker._read_tag(pid, fd)
-            ufd = tag.get("uffd", -1) if tag else -1
-            if isinstance(ufd, int) and _fd_link(pid, ufd) == "anon_inode:[userfaultfd]":
-                return ufd, fd
-    return None
-
-
-def _high_fd_base(pid: int) -> int:
-    """Park near the top of the target's RLIMIT_NOFILE, out of its way."""
-    soft = 1024
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    v = line.split()[3]
-                    soft = int(v) if v.isdigit() else 1 << 20
-    except OSError:
-        pass
-    return max(3, min(soft, 1 << 20) - 64)
 
 
 def _injectable_tid(proc) -> int:
