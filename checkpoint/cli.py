@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 
-from . import interrupt
+from . import faults, interrupt
 from .errors import CheckpointError, Interrupted
 
 # One line per verb module; the module registers its own sub-parsers.
@@ -24,12 +25,21 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr and exit 2 (``--help`` shows the rest)."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("checkpoint").strip()
+        self.exit(2, f"checkpoint: error: {verb + ': ' if verb else ''}{message} "
+                     f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="checkpoint",
         description="Incremental checkpoint/restore of Linux processes.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -41,6 +51,24 @@ def emit_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def entry() -> None:
+    """The ``checkpoint`` program (console script and ``python -m
+    checkpoint``). The stop signals set the flag from here to the process's
+    end, so a signal that comes while the interpreter winds down cannot turn
+    a finished command's status into death by that signal."""
+    interrupt.install()
+    faults.point("cli.ready")
+    code = _main(None)
+    # Python's finalisation puts the default handlers back: a signal then
+    # would still kill us by its own name. Nothing is left to do but flush.
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,11 @@ class Checkpointer:
                  freeze_timeout: float = 5.0, on_frozen=None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
+        for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
+                                ("threads", threads, 0, 1024),
+                                ("max_pages", max_pages, 0, 1 << 40)):
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise UsageError(f"{name} must be an integer in [{lo}, {hi}], not {v!r}")
         self.pid = pid
         self.images_dir = os.fspath(images_dir)
         self.track = track

@@ -63,6 +63,15 @@ def _ours(handler) -> bool:
     return handler in (signal.SIG_DFL, signal.default_int_handler, _on_signal)
 
 
+def install() -> None:
+    """Stop signals set the flag from now on, for good (the ``checkpoint``
+    program; a handler someone else installed is left alone)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if _ours(signal.getsignal(s)):
+                signal.signal(s, _on_signal)
+
+
 @contextmanager
 def installed() -> Iterator[None]:
     """The CLI's mode: for the whole command the stop signals only set the

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 CLI = [sys.executable, "-m", "checkpoint"]
 
@@ -14,7 +17,33 @@ def run(*args):
 
 def test_no_verb_is_a_usage_error():
     res = run()
-    assert res.returncode == 2 and "usage" in res.stderr
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("checkpoint: error: ") and "--help" in res.stderr
+
+
+@pytest.mark.parametrize("args,what", [
+    (["pre-dump", "-t", "1", "-D", "/nonexistent", "--compress-level", "-3"], "out of range"),
+    (["pre-dump", "-t", "1", "-D", "/nonexistent", "--compress-level", "23"], "out of range"),
+    (["dump", "-t", "1", "-D", "/nonexistent", "--max-pages", "-1"], "out of range"),
+    (["dump", "-t", "1", "-D", "/nonexistent", "--threads", "-2"], "out of range"),
+    (["dump", "-t", "0", "-D", "/nonexistent"], "out of range"),
+    (["dump", "-t", "abc", "-D", "/nonexistent"], "not an integer"),
+    (["dump", "-D", "/nonexistent"], "required"),
+    (["frob"], "invalid choice"),
+])
+def test_bad_options_are_one_line(args, what):
+    res = run(*args)
+    assert res.returncode == 2, res
+    assert res.stderr.count("\n") == 1 and what in res.stderr, res.stderr
+    assert not os.path.exists("/nonexistent")
+
+
+def test_library_refuses_bad_numbers(tmp_path):
+    import checkpoint
+    from checkpoint.errors import UsageError
+    for kw in ({"compress_level": -1}, {"threads": -1}, {"max_pages": -5}, {"compress_level": 99}):
+        with pytest.raises(UsageError):
+            checkpoint.Checkpointer(os.getpid(), tmp_path / "x", **kw)
 
 
 def test_console_script_exists():

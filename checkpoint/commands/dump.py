@@ -5,22 +5,23 @@ from __future__ import annotations
 import logging
 
 from ..dumper import Checkpointer
+from . import MAX_PID, MAX_THREADS, ZSTD_LEVELS, int_range
 
 
 def _common(p) -> None:
-    p.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID",
+    p.add_argument("-t", "--tree", dest="pid", type=int_range(1, MAX_PID), required=True, metavar="PID",
                    help="the process to checkpoint")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
                    help="directory of the layer chain (created 0700)")
     p.add_argument("--track", default="auto",
                    choices=["auto", "uffd-wp", "soft-dirty", "hash", "full"],
                    help="dirty-page tracker (default: the best this kernel offers)")
-    p.add_argument("--compress-level", type=int, default=1, metavar="N",
-                   help="zstd level (default 1)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
+    p.add_argument("--compress-level", type=int_range(*ZSTD_LEVELS), default=1, metavar="N",
+                   help="zstd level, 1-22 (default 1)")
+    p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0, metavar="N",
                    help="compression threads (default: every core; 1 spares a busy target "
                         "during pre-dumps)")
-    p.add_argument("--max-pages", type=int, default=0, metavar="N",
+    p.add_argument("--max-pages", type=int_range(0, 1 << 40), default=0, metavar="N",
                    help="PAGEMAP_SCAN page budget per call (0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true", help="print the round's stats as JSON")
