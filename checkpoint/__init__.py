@@ -16,6 +16,7 @@ from .errors import (  # noqa: F401
     RestoreError,
     TargetError,
     TargetExited,
+    TransportError,
     UnsupportedObject,
     UsageError,
 )

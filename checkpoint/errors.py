@@ -92,6 +92,14 @@ class RestoreError(CheckpointError):
     exit_code = 7
 
 
+class TransportError(CheckpointError):
+    """Live migration: the peer, the link or the stream failed (refused,
+    wrong key, truncated or corrupt stream, timeout). Nothing partial is
+    kept; the source keeps running."""
+
+    exit_code = 8
+
+
 class Interrupted(CheckpointError):
     """The engine was asked to stop (SIGINT/SIGTERM); targets were released."""
 
