@@ -46,7 +46,7 @@ from .kernel import ptrace as pt
 from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
-from .objects.files import O_NOFOLLOW, open_path, restore_files
+from .objects.files import open_path, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
 
 PAGE = procfs.PAGE_SIZE
