@@ -30,21 +30,24 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import struct
 import time
 from dataclasses import dataclass
 
 from .errors import CheckpointError, ImageError, InjectionError, RestoreError, UsageError
-from .freezer import FrozenProcess, FrozenThread, _task_state, freeze_process
+from .freezer import (SEIZE_OPTIONS, FrozenProcess, FrozenThread, _task_state, deferred_signals,
+                      freeze_process)
 from .images import open_chain
 from .images.format import KIND_DUMP
 from .inject import Injector, ProcMem
 from .kernel import procfs
 from .kernel import ptrace as pt
-from .kernel.syscalls import NR, clone_args, libc, raw_syscall
+from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
 from .objects import mm as mm_obj
-from .objects.files import restore_files
-from .objects.threads import restart_fixup
+from .objects import process as proc_obj
+from .objects.files import open_path, restore_files
+from .objects.threads import restart_fixup, restore_seccomp
 
 PAGE = procfs.PAGE_SIZE
 TASK_SIZE = 0x7FFF_FFFF_F000
@@ -210,9 +213,23 @@ def _clone_with_pid(pid: int) -> int:
             raise RestoreError(f"clone3 with PID {pid} failed: {exc.strerror}") from None
 
 
-def _exec_placeholder(exe: str, pass_fds: tuple[int, ...]) -> None:  # pragma: no cover
-    """In a fresh child: become the placeholder program (never returns)."""
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - in a fresh child
+    """PR_SET_PDEATHSIG(SIGKILL), then make sure the parent did not die
+    before it was set (the child would have been re-parented already)."""
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(NS_EXIT_OTHER)
+
+
+def _exec_placeholder(exe: str, pass_fds: tuple[int, ...], parent: int) -> None:  # pragma: no cover
+    """In a fresh child: become the placeholder program (never returns). It
+    dies with its parent (the engine, or the PID namespace's init) until
+    the build sets the dumped parent-death signal as one of its last steps;
+    once the engine seized it, PTRACE_O_EXITKILL covers the same."""
     try:
+        _die_with_parent(parent)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(s, signal.SIG_DFL)
@@ -226,23 +243,53 @@ def _exec_placeholder(exe: str, pass_fds: tuple[int, ...]) -> None:  # pragma: n
 NS_EXIT_EPERM, NS_EXIT_OTHER = 121, 122
 
 
-def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...]) -> None:  # pragma: no cover
+KEEPER_RELEASE = signal.SIGUSR1
+
+
+def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
+                  ack: int) -> None:  # pragma: no cover
     """In a fresh child of the engine: a new PID namespace whose init starts
     the placeholder with ns-PID ``pid`` and lives as long as it does,
-    exiting with its status (128 + signal when it was killed)."""
+    exiting with its status (128 + signal when it was killed).
+
+    The keeper (this process) dies with the engine until the engine, the
+    build done, sends it KEEPER_RELEASE (it answers on ``ack``); the init
+    dies with the keeper (and with it, the whole namespace)."""
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _die_with_parent(engine)
+
+        def release(_sig, _frame):
+            libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+            os.write(ack, b"k")
+        signal.signal(KEEPER_RELEASE, release)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {KEEPER_RELEASE})
         if libc.unshare(CLONE_NEWPID) != 0:
             os._exit(NS_EXIT_EPERM if ctypes.get_errno() == errno.EPERM else NS_EXIT_OTHER)
+        keeper = pidfd_open(os.getpid())  # init sees no PID of its parent (another namespace)
         init = os.fork()
         if init:
-            _, status = os.waitpid(init, 0)
+            while True:
+                try:
+                    _, status = os.waitpid(init, 0)
+                    break
+                except InterruptedError:
+                    continue
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        os.close(ack)
+        signal.signal(KEEPER_RELEASE, signal.SIG_DFL)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(NS_EXIT_OTHER)
+        import select
+        if select.select([keeper], [], [], 0)[0]:  # the keeper died before that: go too
+            os._exit(NS_EXIT_OTHER)
+        os.close(keeper)
         try:
             child = _clone_with_pid(pid)
         except RestoreError as exc:
             os._exit(NS_EXIT_EPERM if "not permitted" in str(exc) else NS_EXIT_OTHER)
         if child == 0:
-            _exec_placeholder(exe, pass_fds)
+            _exec_placeholder(exe, pass_fds, 1)  # the namespace's init is PID 1
         while True:  # the namespace's init: reap everything, leave with the placeholder
             got, status = os.waitpid(-1, 0)
             if got == child:
@@ -260,24 +307,69 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+@dataclass
+class _Spawned:
+    """What the engine started for one restore; ``kill()`` undoes it all."""
+
+    pid: int | None = None      # the placeholder, as the engine sees it
+    waiter: int | None = None   # the engine's child: the placeholder or the ns keeper
+    ack: int = -1               # --pid-ns: the keeper's answer to KEEPER_RELEASE
+
+    def kill(self) -> None:
+        with deferred_signals():
+            for p in (self.pid, self.waiter):
+                if p:
+                    _kill_reap(p)
+            self.close()
+
+    def close(self) -> None:
+        if self.ack >= 0:
+            os.close(self.ack)
+            self.ack = -1
+
+    def release_keeper(self) -> None:
+        """--pid-ns: the build is done; the keeper (and so the namespace)
+        no longer dies with the engine."""
+        if self.ack < 0:
+            return
+        os.kill(self.waiter, KEEPER_RELEASE)
+        import select
+        r, _, _ = select.select([self.ack], [], [], 5)
+        if not r or os.read(self.ack, 1) != b"k":
+            raise RestoreError("the PID namespace keeper did not answer")
+        self.close()
+
+
 def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
-                       pid_ns: bool = False) -> tuple[int, int]:
+                       pid_ns: bool = False, spawned: _Spawned | None = None) -> tuple[int, int]:
     """Start the placeholder with PID ``pid`` (clone3 set_tid; in a new PID
     namespace with ``pid_ns``) or any PID. Returns (placeholder PID as the
     engine sees it, the engine's child to wait for) once the placeholder
-    program runs."""
+    program runs. Whatever it started is in ``spawned`` as soon as it
+    exists (SIGINT/SIGTERM are held from the fork until it is), so the
+    caller's clean-up kills it also when this is interrupted."""
     exe = shutil.which(PLACEHOLDER[0])
     if exe is None:
         raise RestoreError(f"placeholder program {PLACEHOLDER[0]!r} not found in PATH")
-    if pid_ns:
-        waiter = os.fork()
-        if waiter == 0:  # pragma: no cover
-            _pid_ns_child(pid, exe, pass_fds)
-        child = None
-    else:
-        waiter = child = os.fork() if pid is None else _clone_with_pid(pid)
-        if child == 0:  # pragma: no cover - the child: become the placeholder
-            _exec_placeholder(exe, pass_fds)
+    spawned = spawned if spawned is not None else _Spawned()
+    me = os.getpid()
+    with deferred_signals():
+        if pid_ns:
+            ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                waiter = os.fork()
+                if waiter == 0:  # pragma: no cover
+                    os.close(ack_r)
+                    _pid_ns_child(pid, exe, pass_fds, me, ack_w)
+            finally:
+                os.close(ack_w)
+            spawned.waiter, spawned.ack = waiter, ack_r
+            child = None
+        else:
+            waiter = child = os.fork() if pid is None else _clone_with_pid(pid)
+            if child == 0:  # pragma: no cover - the child: become the placeholder
+                _exec_placeholder(exe, pass_fds, me)
+            spawned.pid = spawned.waiter = child
     deadline = time.monotonic() + 5
     while True:
         if child is None:  # find it: the child of the namespace's init
@@ -287,6 +379,7 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
         try:
             if child is not None and os.readlink(f"/proc/{child}/exe") == \
                     os.path.realpath(exe) and procfs.read_stat(child).state == "S":
+                spawned.pid = child
                 return child, waiter
         except (OSError, CheckpointError):
             pass
@@ -301,6 +394,14 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
             _kill_reap(waiter)
             raise RestoreError("the placeholder process did not start")
         time.sleep(0.0005)
+
+
+def _ident(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -342,6 +443,7 @@ class _Builder:
         self.inherit = inherit
         self.restart_block = restart_block
         self.pages = 0
+        self._engine_tid: dict[int, int] = {}  # dumped TID -> TID as the engine sees it
 
     def run(self) -> None:
         proc, rec = self.proc, self.rec
@@ -352,22 +454,31 @@ class _Builder:
         # safe=False: a half-built process has nothing to return to; it dies
         # with the engine instead
         with Injector(proc, proc.pid, safe=False) as r:
+            # the placeholder starts with the restorer's credentials; opens of
+            # what the image names run with the dumped ones (Privs)
+            sb = r.call("prctl", proc_obj.PR_GET_SECUREBITS, 0, 0, 0, 0)
+            self.current = proc_obj.Creds.of_status(procfs.read_status(self.pid), sb)
+            self.dumped = proc_obj.Creds.of_entry(rec["process"].creds, self.current)
+            privs = proc_obj.Privs(r, self.dumped, self.current)
+            self._engine_tid[leader] = self.pid
             self._what = "placeholder rseq"
             cfg = pt.get_rseq_configuration(proc.pid)
             if cfg.pointer:
                 r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
             self._what = "address space"
             self._clear_and_move_vdso(r)
-            self._map_vmas(r)
+            with privs.as_dumped():
+                self._map_vmas(r)
             self._what = "memory pages"
             self._write_pages()
             log.info("%d pages written", self.pages)
             self._what = "mm fields (PR_SET_MM_MAP)"
-            self._set_mm(r)
+            self._set_mm(r, privs)
             self._what = "signal dispositions"
             self._sigactions(r)
             self._what = "files"
-            restore_files(r, rec["files"], inherit=self.inherit)
+            with privs.as_dumped():
+                restore_files(r, rec["files"], inherit=self.inherit, privs=privs)
             self._what = "process attributes"
             self._process_attrs(r)
             self._what = f"thread {leader}"
@@ -378,8 +489,24 @@ class _Builder:
                     self._new_thread(r, cores[tid])
             self._what = "pending signals"
             self._pending_signals(r, cores)
+            # last: the leader's credentials, seccomp, then what a change of
+            # credentials resets (parent-death signal, dumpable)
+            self._what = f"thread {leader} credentials and seccomp"
+            self._creds(r, cores[leader])
+            proc_obj.finish_leader(r, rec["process"])
             self._what = f"thread {leader} registers"
             r.install_on_exit(*self._final_state(cores[leader]))
+        for tid, core in cores.items():
+            self._what = f"thread {tid} credentials"
+            proc_obj.check_applied(self.pid, self._engine_tid.get(tid, tid), self.dumped,
+                                   self._nnp(core), core.seccomp_mode)
+
+    def _nnp(self, core) -> bool:
+        return bool(core.no_new_privs or self.rec["process"].creds.no_new_privs)
+
+    def _creds(self, r: Injector, core) -> None:
+        proc_obj.apply_creds(r, self.dumped, self.current, self._nnp(core),
+                             seccomp=lambda rr: restore_seccomp(rr, core))
 
     # -- address space ---------------------------------------------------------
 
@@ -419,12 +546,35 @@ class _Builder:
                 if path == "[vdso]":
                     self.proc._gadget += got - v.start
 
-    def _path_in_target(self, r: Injector, path: str) -> int:
-        raw = os.fsencode(path) + b"\0"
-        if len(raw) > PAGE - 64:
-            raise RestoreError(f"path too long: {path[:80]}...")
-        r.write(r.scratch, raw)
-        return r.scratch
+    def _open_checked(self, r: Injector, path: str, acc: int, ident: tuple[int, int],
+                      what: str) -> int:
+        """Open a file the image names, in the placeholder and with its
+        current (the dumped) credentials: O_PATH|O_NOFOLLOW, check it is a
+        regular file with the dumped device and inode, then open it for
+        real through /proc/self/fd/N (the same inode)."""
+        pfd = open_path(r, path)
+        if pfd < 0:
+            raise RestoreError(f"cannot open the {what} {path} as the dumped process (uid "
+                               f"{self.dumped.uid[3]}, gid {self.dumped.gid[3]}): "
+                               f"{os.strerror(-pfd)}")
+        try:
+            st = os.stat(f"/proc/{self.pid}/fd/{pfd}")
+            kinds = (stat.S_IFREG, stat.S_IFCHR) if what == "mapped file" else (stat.S_IFREG,)
+            if stat.S_IFMT(st.st_mode) not in kinds or (st.st_dev, st.st_ino) != ident:
+                raise RestoreError(f"the {what} {path} is not the file that was dumped "
+                                   f"(now {'a regular file' if stat.S_ISREG(st.st_mode) else 'no regular file'}"
+                                   f", device/inode {st.st_dev}/{st.st_ino}, dumped "
+                                   f"{ident[0]}/{ident[1]}); refusing to open it")
+            raw = f"/proc/self/fd/{pfd}".encode() + b"\0"
+            r.write(r.scratch, raw)
+            fd = r.syscall("openat", AT_FDCWD, r.scratch, acc | O_CLOEXEC, 0)
+            if fd < 0:
+                raise RestoreError(f"cannot open the {what} {path} as the dumped process (uid "
+                                   f"{self.dumped.uid[3]}, gid {self.dumped.gid[3]}): "
+                                   f"{os.strerror(-fd)}")
+        finally:
+            r.syscall("close", pfd)
+        return fd
 
     def _map_vmas(self, r: Injector) -> None:
         opened: dict[tuple[str, int], int] = {}
@@ -443,8 +593,7 @@ class _Builder:
                     acc = O_RDWR if v.flags & 0x01 and v.prot & 2 else O_RDONLY
                     fd = opened.get((v.path, acc))
                     if fd is None:
-                        fd = r.call("openat", AT_FDCWD, self._path_in_target(r, v.path),
-                                    acc | O_CLOEXEC, 0)
+                        fd = self._open_checked(r, v.path, acc, (v.dev, v.inode), "mapped file")
                         opened[(v.path, acc)] = fd
                     off = v.offset
                 else:
@@ -482,15 +631,18 @@ class _Builder:
                     self.pages += (e0 - s0) // PAGE
                 j += 1
 
-    def _set_mm(self, r: Injector) -> None:
-        mm = self.rec["mm"]
+    def _set_mm(self, r: Injector, privs) -> None:
+        mm, p = self.rec["mm"], self.rec["process"]
         auxv = list(mm.auxv) + [0, 0]
         auxv_raw = struct.pack(f"<{len(auxv)}Q", *auxv)
         # the exe link: changing it is refused (EBUSY) while the old exe is
         # mapped, which it is when the placeholder runs the same binary
         same = _same_file(f"/proc/{self.pid}/exe", mm.exe_path)
-        exe_fd = -1 if same else r.call("openat", AT_FDCWD, self._path_in_target(r, mm.exe_path),
-                                        O_RDONLY | O_CLOEXEC, 0)
+        exe_fd = -1
+        if not same:
+            ident = (p.exe_dev, p.exe_inode) if p.exe_inode else _ident(mm.exe_path)
+            with privs.as_dumped():
+                exe_fd = self._open_checked(r, mm.exe_path, O_RDONLY, ident, "executable")
         try:
             base = r.scratch
             r.write(base + 1024, auxv_raw)
@@ -499,6 +651,7 @@ class _Builder:
                             mm.mm_arg_start, mm.mm_arg_end, mm.mm_env_start, mm.mm_env_end,
                             base + 1024, len(auxv_raw), exe_fd)
             r.write(base, m)
+            # the restorer's privilege: CAP_CHECKPOINT_RESTORE/CAP_SYS_ADMIN for the exe link
             r.call("prctl", PR_SET_MM, PR_SET_MM_MAP, base, len(m), 0)
         finally:
             if exe_fd >= 0:
@@ -521,19 +674,6 @@ class _Builder:
                 continue
             if res < 0:
                 raise RestoreError(f"rlimit {lim.resource}: {os.strerror(-res)}")
-        c = p.creds
-        cur = procfs.read_status(self.pid)
-        if tuple(c.gid) != tuple(cur.gid) or tuple(c.uid) != tuple(cur.uid):
-            groups = list(c.groups)
-            r.write(r.scratch, struct.pack(f"<{len(groups)}I", *groups) if groups else b"\0")
-            for call, args in (("setgroups", (len(groups), r.scratch)),
-                               ("setresgid", tuple(c.gid[:3])),
-                               ("setresuid", tuple(c.uid[:3]))):
-                res = r.syscall(call, *args)
-                if res < 0:
-                    raise RestoreError(f"credentials (uid {list(c.uid)}, gid {list(c.gid)}): "
-                                       f"{call} failed: {os.strerror(-res)}; restoring never "
-                                       "grants more than the caller has")
 
     # -- threads -----------------------------------------------------------------
 
@@ -574,9 +714,12 @@ class _Builder:
             raise RestoreError(f"cannot tell the new thread {core.tid} among {sorted(new)}")
         tid = new.pop()
         self.proc.threads[tid] = FrozenThread(tid)  # auto-attached (TRACECLONE)
+        self._engine_tid[core.tid] = tid
         self.proc._await_interrupt_stop(tid)
         with Injector(self.proc, tid, safe=False) as rc:
             self._thread_state(rc, core)
+            self._what = f"thread {core.tid} credentials and seccomp"
+            self._creds(rc, core)  # per thread: the kernel keeps credentials per task
             rc.install_on_exit(*self._final_state(core))
 
     def _pending_signals(self, r: Injector, cores: dict) -> None:
@@ -595,6 +738,26 @@ class _Builder:
                 sig = struct.unpack_from("<i", info)[0]
                 r.write(r.scratch, info)
                 r.call("rt_tgsigqueueinfo", pid, tid, sig, r.scratch)
+
+
+def _trace_options(proc: FrozenProcess, seccomp: bool) -> None:
+    """PTRACE_O_EXITKILL: the placeholder dies if the engine does, at any
+    point of the build (its parent-death signal is reset by every change
+    of credentials). PTRACE_O_SUSPEND_SECCOMP (CAP_SYS_ADMIN), when the
+    image has seccomp state: the filters the build installs do not act on
+    the build's own later calls; both go with the detach."""
+    opts = SEIZE_OPTIONS | pt.PTRACE_O_EXITKILL
+    if seccomp:
+        opts |= pt.PTRACE_O_SUSPEND_SECCOMP
+    for tid in list(proc.threads):
+        try:
+            pt.setoptions(tid, opts)
+        except OSError as exc:
+            if seccomp and exc.errno == errno.EPERM:
+                raise RestoreError("restoring seccomp needs CAP_SYS_ADMIN "
+                                   "(PTRACE_O_SUSPEND_SECCOMP)") from None
+            raise RestoreError(f"PTRACE_SETOPTIONS on placeholder thread {tid}: "
+                               f"{os.strerror(exc.errno)}") from None
 
 
 def _load(images_dir: str):
@@ -639,6 +802,7 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
     chain, rec = _load(images_dir)
     try:
         check_images(rec["process"], rec["mm"])
+        proc_obj.validate(rec["process"], rec["core"], proc_obj.caller_creds())
         tree = rec["pstree"]
         if new_pids and len(tree.threads) > 1:
             raise UsageError("--new-pids only for single-threaded processes: glibc caches "
@@ -654,10 +818,14 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
                     keys[fd.path] = fd.fd
         if new_pids and pid_ns:
             raise UsageError("--new-pids and --pid-ns exclude each other")
-        pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds, pid_ns)
+        seccomp = any(c.seccomp_mode for c in rec["core"])
+        spawned = _Spawned()
         try:
+            pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds, pid_ns,
+                                             spawned)
             proc = freeze_process(pid)
             try:
+                _trace_options(proc, seccomp)
                 # the restored process sees inherited fds at the numbers the
                 # placeholder holds them (its own 0-2, or the passed ones)
                 placeholder_inherit = {**keys, **inherit}
@@ -669,15 +837,15 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
                     if isinstance(exc, RestoreError):
                         raise
                     raise RestoreError(f"restoring {b._what} failed: {exc}") from None
+                spawned.release_keeper()
             except BaseException:
-                proc.thaw()
+                proc.kill()  # still traced: it never runs half-built
                 raise
             proc.thaw()
         except BaseException:
-            _kill_reap(pid)
-            if waiter != pid:
-                _kill_reap(waiter)
+            spawned.kill()
             raise
+        spawned.close()
     finally:
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3

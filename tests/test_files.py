@@ -212,7 +212,9 @@ def test_restore_into_placeholder(spawn, tmp_path):
     assert app["pos"] == 16 and app["flags"] & os.O_APPEND
 
     ghost = got[fds["ghost"]]
-    assert ghost["link"].startswith(f"{ghosts}/ghost-") and ghost["link"].endswith(" (deleted)")
+    # a nameless (O_TMPFILE) file in the ghost directory: "#inode (deleted)"
+    assert ghost["link"].startswith(f"{ghosts}/#") and ghost["link"].endswith(" (deleted)")
+    assert os.listdir(ghosts) == []  # it never had a name there
     assert bytes.fromhex(ghost["data"]) == b"ghost content " * 10 and ghost["pos"] == 5
 
     pr, pw = got[fds["pipe_r"]], got[fds["pipe_w"]]

@@ -7,7 +7,7 @@ import re
 import signal
 import sys
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from ..restorer import restore
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -56,19 +56,69 @@ def parse_inherit(specs: list[str]) -> dict[str, int]:
     return out
 
 
+PIDFILE_MODE = 0o644  # as daemons' pidfiles: anyone may read which PID it is
+
+
+def check_pidfile(path: str) -> None:
+    """Refuse a --pidfile that cannot be written, before anything is restored."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"--pidfile {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"--pidfile {path}: directory {d} is not writable")
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise UsageError(f"--pidfile {path} is a directory")
+
+
+def write_pidfile(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path`` atomically and without following any
+    symlink: a new file with a random name (O_EXCL, mkstemp) in the same
+    directory, mode 0644, fsync, then renamed over ``path`` (rename replaces
+    a symlink planted at ``path`` itself, never what it points to)."""
+    import tempfile
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
+    try:
+        os.fchmod(fd, PIDFILE_MODE)
+        os.write(fd, f"{pid}\n".encode())
+        os.fsync(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def run(args) -> int:
     if args.verbose:
         import logging
         logging.basicConfig(level=logging.INFO, format="checkpoint: %(message)s")
-    r = restore(args.images_dir, inherit=parse_inherit(args.inherit_fd),
+    inherit = parse_inherit(args.inherit_fd)
+    if args.pidfile:
+        check_pidfile(args.pidfile)
+    r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 pid_ns=args.pid_ns,
                 restart_block=args.restart_block)
     if args.pidfile:
-        tmp = f"{args.pidfile}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(f"{r.pid}\n")
-        os.replace(tmp, args.pidfile)
+        try:
+            write_pidfile(args.pidfile, r.pid)
+        except BaseException as exc:
+            r.kill()  # never a restored process left running behind a failure
+            r.wait()
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"--pidfile {args.pidfile}: {exc.strerror}; the restored "
+                                      f"process {r.pid} was killed") from None
+            raise
     if args.json:
         from ..cli import emit_json
         emit_json(r.as_json())

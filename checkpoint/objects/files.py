@@ -33,7 +33,6 @@ import fcntl
 import os
 import stat
 import struct
-import tempfile
 import termios
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -79,6 +78,7 @@ SPLICE_F_NONBLOCK = 0x02
 
 OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC  # never replayed
 __O_TMPFILE, O_DIRECTORY = 0o20000000, 0o200000  # an O_TMPFILE file keeps both in fdinfo
+O_TMPFILE_FLAGS = __O_TMPFILE | O_DIRECTORY  # O_TMPFILE as the C library spells it
 
 
 def reopen_flags(flags: int) -> int:
@@ -88,6 +88,33 @@ def reopen_flags(flags: int) -> int:
     return flags & ~OPEN_ONLY
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME  # what F_SETFL may change for us
 MEM_MAJOR = 1  # /dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom (drivers/char/mem.c)
+MEM_MINORS_OK = {3, 5, 7, 8, 9}  # null, zero, full, random, urandom (not mem, kmem, port, kmsg)
+O_NOFOLLOW = os.O_NOFOLLOW
+
+
+def _is_tty_major(major: int) -> bool:
+    # <linux/major.h>: TTY_MAJOR 4, TTYAUX_MAJOR 5 (/dev/tty, console, ptmx),
+    # UNIX98_PTY_SLAVE_MAJOR 136..143; other serial drivers have their own
+    return major in (4, 5) or 136 <= major <= 143 or major >= 188
+
+
+def _fmt_name(fmt: int) -> str:
+    return {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory",
+            stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symbolic link",
+            stat.S_IFSOCK: "a socket"}.get(fmt, f"file type {fmt:#o}")
+
+
+def open_path(remote: Injector, path: str, extra: int = 0) -> int:
+    """openat(path, O_PATH|O_NOFOLLOW|O_CLOEXEC) injected into the target:
+    an fd that opens nothing (no device, FIFO or terminal side effect) and
+    is never a symlink's target; -errno on failure."""
+    raw = path.encode("utf-8", "surrogateescape") + b"\0"
+    if len(raw) > procfs.PAGE_SIZE:
+        return -errno.ENAMETOOLONG
+    remote.write(remote.scratch, raw)
+    return remote.syscall("openat", AT_FDCWD, remote.scratch,
+                          os.O_PATH | O_NOFOLLOW | os.O_CLOEXEC | extra, 0)
 
 _tee = libc.tee
 _tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
@@ -176,6 +203,13 @@ def dump_files(proc: FrozenProcess, *, external: bool = False,
     if umask is None:
         raise KernelFeatureError("/proc/PID/status has no Umask line (Linux < 4.7)")
     entry.umask = umask
+    for name in ("cwd", "root"):
+        try:
+            st = os.stat(f"/proc/{pid}/{name}")
+        except OSError as exc:
+            raise procfs._proc_open_error(exc, pid, f"/proc/{pid}/{name}") from None
+        setattr(entry, f"{name}_dev", st.st_dev)
+        setattr(entry, f"{name}_inode", st.st_ino)
     ctx = _DumpCtx(pid, max_content)
     try:
         for info in procfs.read_fds(pid):
@@ -204,6 +238,7 @@ def _dump_fd(ctx: _DumpCtx, info: procfs.FdInfo, external: bool) -> FdEntry:
         raise procfs._proc_open_error(exc, ctx.pid, ctx.fd_path(fd)) from None
     e.dev, e.inode, e.file_size, e.file_mtime_ns, e.mode = (
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    e.has_owner, e.uid, e.gid, e.rdev = True, st.st_uid, st.st_gid, st.st_rdev
     key = (st.st_dev, st.st_ino)
     for other in ctx.by_inode.get(key, ()):
         if ctx.same_description(other, fd):
@@ -407,7 +442,7 @@ def _tty_details(ctx: _DumpCtx, fd: int) -> tuple[bool, int | None] | None:
 
 def restore_files(remote: Injector, entry: FilesEntry, *,
                   inherit: dict[str, int] | None = None, ghost_dir: str = "/tmp",
-                  keep: Iterable[int] = ()) -> None:
+                  keep: Iterable[int] = (), privs=None) -> None:
     """Give the frozen placeholder behind ``remote`` the fd table, cwd, root and
     umask of ``entry``.
 
@@ -416,8 +451,18 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
     that stands in for the dumped one (CRIU's --inherit-fd). ``keep`` are
     placeholder fds left open and untouched (they must not collide with the
     image). Every other placeholder fd is closed at the end. Deleted files
-    are rebuilt as temp files in ``ghost_dir`` and unlinked once opened."""
-    _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep)).run()
+    are rebuilt as nameless files (O_TMPFILE) in ``ghost_dir``.
+
+    Every path of the image is opened by the placeholder itself, with the
+    credentials it has: the restorer runs this with the dumped process's
+    (``privs``, a process.Privs, raises them back only for chroot). Each
+    path is first opened O_PATH|O_NOFOLLOW, which opens nothing, and its
+    type, identity and device number are checked against the image before
+    the real open (through /proc/self/fd/N, the same inode). What the
+    engine itself writes (pipe data, memfd and ghost content) goes through
+    its own copy of the placeholder's fd (pidfd_getfd), never a path, and
+    only after checking that it is a pipe, a memfd, a nameless file."""
+    _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep), privs).run()
 
 
 @dataclass
@@ -443,8 +488,9 @@ class _Item:
 
 class _Restorer:
     def __init__(self, remote: Injector, entry: FilesEntry, inherit: dict[str, int],
-                 ghost_dir: str, keep: set[int]):
+                 ghost_dir: str, keep: set[int], privs=None):
         self.r = remote
+        self.privs = privs
         self.pid = remote.proc.pid
         self.entry = entry
         self.inherit = inherit
@@ -529,11 +575,79 @@ class _Restorer:
             self.call("fcntl", fd, fcntl.F_SETFL, want | (current & os.O_DIRECT), it=it)
 
     def openat(self, path: str, flags: int, it: _Item) -> int:
+        """Reopen ``/proc/self/fd/N`` (an fd the placeholder already holds);
+        O_NOFOLLOW, kept in f_flags of the dumped fd, would refuse the magic
+        link itself."""
         addr = self.stage(path, it)
-        res = self.r.syscall("openat", AT_FDCWD, addr, reopen_flags(flags) | os.O_CLOEXEC, 0)
+        res = self.r.syscall("openat", AT_FDCWD, addr,
+                             (reopen_flags(flags) & ~O_NOFOLLOW) | os.O_CLOEXEC, 0)
         if res < 0:
             raise self.fail(it, f"cannot open {path} in process {self.pid}: {os.strerror(-res)}")
         return res
+
+    def open_image_path(self, it: _Item, flags: int, path: str | None = None) -> int:
+        """Open a path the image names, as the placeholder (with its current,
+        normally the dumped, credentials): O_PATH|O_NOFOLLOW first, check
+        the object (check_object), then the real open through the O_PATH
+        fd, so nothing is opened that is not what the image says."""
+        path = it.e.path if path is None else path
+        self.stage_len_ok(it)
+        pfd = open_path(self.r, path)
+        if pfd < 0:
+            raise self.fail(it, f"cannot open {path} in process {self.pid}: {os.strerror(-pfd)}")
+        try:
+            st = os.stat(f"/proc/{self.pid}/fd/{pfd}")
+            if flags & os.O_PATH and flags & O_NOFOLLOW and stat.S_ISLNK(st.st_mode):
+                self.check_identity(it, st)  # an O_PATH fd on the symlink itself
+                return self.fresh(pfd)
+            self.check_object(it, st)
+            fd = self.openat(f"/proc/self/fd/{pfd}", flags, it)
+        except BaseException:
+            self.r.syscall("close", pfd)
+            raise
+        self.call("close", pfd)
+        return fd
+
+    def check_object(self, it: _Item, st: os.stat_result) -> None:
+        """What was opened must be what the image says: its file type (a FIFO
+        entry a FIFO, a device a device of the recorded number...) and, for
+        files, directories and FIFOs, the dumped inode."""
+        e, t = it.e, it.e.type
+        fmt = stat.S_IFMT(st.st_mode)
+        want = {files_pb2.FD_REG: (stat.S_IFREG, stat.S_IFBLK), files_pb2.FD_DIR: (stat.S_IFDIR,),
+                files_pb2.FD_FIFO: (stat.S_IFIFO,), files_pb2.FD_DEVNULL: (stat.S_IFCHR,),
+                files_pb2.FD_TTY: (stat.S_IFCHR,)}.get(t)
+        if want is None:
+            raise self.fail(it, f"{files_pb2.FdType.Name(t)} is not opened by path")
+        if fmt not in want or (e.mode and t != files_pb2.FD_TTY
+                               and stat.S_IFMT(e.mode) != fmt):
+            raise self.fail(it, f"{e.path} is {_fmt_name(fmt)}, the image says "
+                                f"{files_pb2.FdType.Name(t)}"
+                                f"{' (' + _fmt_name(stat.S_IFMT(e.mode)) + ')' if e.mode else ''}"
+                                "; refusing to open it")
+        if t in (files_pb2.FD_REG, files_pb2.FD_DIR, files_pb2.FD_FIFO):
+            self.check_identity(it, st)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and e.has_owner and st.st_rdev != e.rdev:
+            raise self.fail(it, f"{e.path} is device {os.major(st.st_rdev)}:"
+                                f"{os.minor(st.st_rdev)}, the image says {os.major(e.rdev)}:"
+                                f"{os.minor(e.rdev)}")
+        if t == files_pb2.FD_DEVNULL and (os.major(st.st_rdev) != MEM_MAJOR
+                                          or os.minor(st.st_rdev) not in MEM_MINORS_OK):
+            raise self.fail(it, f"{e.path} (device {os.major(st.st_rdev)}:"
+                                f"{os.minor(st.st_rdev)}) is not /dev/null, zero, full, random "
+                                "or urandom")
+        if t == files_pb2.FD_TTY and not _is_tty_major(os.major(st.st_rdev)):
+            raise self.fail(it, f"{e.path} (device {os.major(st.st_rdev)}:"
+                                f"{os.minor(st.st_rdev)}) is not a terminal")
+
+    def own_copy(self, fd: int) -> int:
+        """The engine's own duplicate of the placeholder's fd ``fd``: the
+        very open file, reached without any path."""
+        pidfd = pidfd_open(self.pid)
+        try:
+            return pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
 
     def lseek(self, fd: int, it: _Item, strict: bool = True) -> None:
         if it.e.pos and not it.e.flags & os.O_PATH:
@@ -598,7 +712,7 @@ class _Restorer:
                     and not it.e.ghost and it.dup_of is None:
                 self.stage_len_ok(it)
                 try:
-                    st = os.stat(it.e.path)
+                    st = os.stat(it.e.path, follow_symlinks=False)
                 except OSError as exc:
                     raise self.fail(it, f"cannot be reopened: {exc.strerror}") from None
                 self.check_identity(it, st)
@@ -641,18 +755,13 @@ class _Restorer:
         if t == files_pb2.FD_REG and it.e.ghost:
             return self.restore_ghost(it)
         if t in (files_pb2.FD_REG, files_pb2.FD_DIR):
-            fd = self.openat(it.e.path, it.e.flags, it)
-            try:
-                self.check_identity(it, os.stat(f"/proc/{self.pid}/fd/{fd}"))
-            except RestoreError:
-                self.call("close", fd)
-                raise
+            fd = self.open_image_path(it, it.e.flags)
             self.lseek(fd, it, strict=t == files_pb2.FD_REG)
             return self.place(fd, it)
         if t == files_pb2.FD_MEMFD:
             return self.restore_memfd(it)
         if t == files_pb2.FD_DEVNULL:
-            return self.place(self.openat(it.e.path, it.e.flags, it), it)
+            return self.place(self.open_image_path(it, it.e.flags), it)
         if t == files_pb2.FD_TTY:
             return self.restore_tty(it)
         if t == files_pb2.FD_EVENTFD:
@@ -698,15 +807,53 @@ class _Restorer:
         self.placed.add(it.fd)
 
     def restore_ghost(self, it: _Item) -> None:
-        tfd, path = tempfile.mkstemp(prefix="ghost-", dir=self.ghost_dir)  # 0600
+        """A deleted file: made by the placeholder as a nameless file
+        (O_TMPFILE, so a dying restore leaves no name behind) with its
+        credentials (so it belongs to the dumped fsuid/fsgid), filled by the
+        engine through its own copy of that fd, given the dumped owner where
+        the placeholder may (fchown: CAP_CHOWN) and the dumped mode, minus
+        set-uid/set-gid when the owner is not the dumped one."""
+        e = it.e
+        addr = self.stage(self.ghost_dir, it)
+        tfd = self.r.syscall("openat", AT_FDCWD, addr, O_TMPFILE_FLAGS | os.O_RDWR
+                             | os.O_CLOEXEC, 0o600)
+        if tfd < 0:
+            raise self.fail(it, f"cannot create a nameless file in {self.ghost_dir} for the "
+                                f"deleted file: {os.strerror(-tfd)}")
+        tfd = self.fresh(tfd)
         try:
-            with os.fdopen(tfd, "wb", closefd=False) as f:
-                f.write(it.e.content)
-            fd = self.openat(path, it.e.flags, it)
-            os.fchmod(tfd, stat.S_IMODE(it.e.mode) or 0o600)
+            own = self.own_copy(tfd)
+            try:
+                st = os.fstat(own)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
+                    raise self.fail(it, "the placeholder's O_TMPFILE fd is not a nameless file")
+                view = memoryview(e.content)
+                off = 0
+                while off < len(view):
+                    off += os.pwrite(own, view[off:], off)
+            finally:
+                os.close(own)
+            fd = self.openat(f"/proc/self/fd/{tfd}", e.flags, it)  # while it is 0600 and ours
+            st = os.stat(f"/proc/{self.pid}/fd/{tfd}")
+            if e.has_owner and (st.st_uid, st.st_gid) != (e.uid, e.gid):
+                self.r.syscall("fchown", tfd, e.uid, e.gid)  # EPERM: stays the creator's
+                st = os.stat(f"/proc/{self.pid}/fd/{tfd}")
+            mode = stat.S_IMODE(e.mode) or 0o600
+            if not e.has_owner or st.st_uid != e.uid:
+                mode &= ~stat.S_ISUID
+            if not e.has_owner or st.st_gid != e.gid:
+                mode &= ~stat.S_ISGID
+            res = self.r.syscall("fchmod", tfd, mode)
+            if res < 0 and mode & (stat.S_ISUID | stat.S_ISGID):
+                self.r.syscall("fchmod", tfd, mode & ~(stat.S_ISUID | stat.S_ISGID))
+            st = os.stat(f"/proc/{self.pid}/fd/{tfd}")
+            if (st.st_mode & stat.S_ISUID and (not e.has_owner or st.st_uid != e.uid)) or \
+                    (st.st_mode & stat.S_ISGID and (not e.has_owner or st.st_gid != e.gid)):
+                self.call("close", fd)
+                raise self.fail(it, "the recreated deleted file kept set-uid/set-gid bits for "
+                                    f"owner {st.st_uid}:{st.st_gid}, not the dumped owner")
         finally:
-            os.close(tfd)
-            os.unlink(path)
+            self.r.syscall("close", tfd)
         self.lseek(fd, it)
         self.place(fd, it)
 
@@ -714,9 +861,12 @@ class _Restorer:
         name = it.e.memfd_name
         addr = self.stage(name[:249], it)
         fd = self.fresh(self.call("memfd_create", addr, MFD_CLOEXEC | MFD_ALLOW_SEALING, it=it))
-        if it.e.content:
-            wfd = os.open(f"/proc/{self.pid}/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+        if it.e.content or it.e.file_size:
+            wfd = self.own_copy(fd)
             try:
+                if not os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("/memfd:") or \
+                        not stat.S_ISREG(os.fstat(wfd).st_mode):
+                    raise self.fail(it, "the placeholder's memfd_create fd is no memfd")
                 os.pwrite(wfd, it.e.content, 0)
                 os.ftruncate(wfd, it.e.file_size)
             finally:
@@ -750,13 +900,7 @@ class _Restorer:
             ends = {os.O_RDONLY: self.fresh(rd), os.O_WRONLY: self.fresh(wr)}
         else:
             # a FIFO: an O_RDWR helper never blocks and lets the real opens not block
-            self.stage_len_ok(it)
-            helper = self.fresh(self.openat(it.e.path, os.O_RDWR | os.O_NONBLOCK, it))
-            try:
-                self.check_identity(it, os.stat(f"/proc/{self.pid}/fd/{helper}"))
-            except RestoreError:
-                self.call("close", helper)
-                raise
+            helper = self.fresh(self.open_image_path(it, os.O_RDWR | os.O_NONBLOCK))
             ends = {os.O_RDONLY: helper, os.O_WRONLY: helper}
             created = 0
         self.fill_pipe(ends[os.O_WRONLY], it, data, size)
@@ -764,7 +908,7 @@ class _Restorer:
         for o in group:
             mode = o.e.flags & os.O_ACCMODE
             if o.e.type == files_pb2.FD_FIFO:  # the helper keeps this open from blocking
-                self.place(self.openat(o.e.path, o.e.flags, o), o)
+                self.place(self.open_image_path(o, o.e.flags), o)
                 continue
             src = ends.get(mode)
             if src is None:
@@ -782,8 +926,19 @@ class _Restorer:
     def fill_pipe(self, wr: int, it: _Item, data: bytes, size: int) -> None:
         if not data and not size:
             return
-        wfd = os.open(f"/proc/{self.pid}/fd/{wr}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        wfd = self.own_copy(wr)  # the very pipe the placeholder holds, no path
+        restore_fl = None
         try:
+            st = os.fstat(wfd)
+            if not stat.S_ISFIFO(st.st_mode) or (it.e.type == files_pb2.FD_FIFO and (
+                    st.st_dev, st.st_ino) != (it.e.dev, it.e.inode)):
+                raise self.fail(it, "the fd to fill is not the dumped pipe or FIFO")
+            fl = fcntl.fcntl(wfd, fcntl.F_GETFL)
+            if fl & os.O_ACCMODE == os.O_RDONLY:
+                raise self.fail(it, "the fd to fill is a read end")
+            if not fl & os.O_NONBLOCK:  # the copy shares the description: put back below
+                fcntl.fcntl(wfd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+                restore_fl = fl
             if it.e.type == files_pb2.FD_FIFO and _unread(wfd):
                 return  # the FIFO lives on (a peer holds it): its content is its own
             if size and fcntl.fcntl(wfd, F_GETPIPE_SZ) != size:
@@ -801,12 +956,14 @@ class _Restorer:
             raise self.fail(it, f"the pipe took only part of its {len(data)} saved bytes"
                                 " (a FIFO with data already in it?)") from None
         finally:
+            if restore_fl is not None:
+                fcntl.fcntl(wfd, fcntl.F_SETFL, restore_fl)
             os.close(wfd)
 
     def restore_tty(self, it: _Item) -> None:
         e = it.e
         if e.pty_master:
-            fd = self.openat(e.path, e.flags | os.O_NOCTTY, it)
+            fd = self.open_image_path(it, e.flags | os.O_NOCTTY)
             scratch = self.r.scratch
             self.r.write(scratch, b"\0\0\0\0")
             self.call("ioctl", fd, TIOCSPTLCK, scratch, it=it)
@@ -821,7 +978,7 @@ class _Restorer:
             return self.place(fd, it)
         if e.fd in self.original and self.placeholder_is_tty(self.moved.get(e.fd, e.fd)):
             return self.place(self.moved.get(e.fd, e.fd), it, close_tmp=False)
-        self.place(self.openat(e.path, e.flags | os.O_NOCTTY, it), it)
+        self.place(self.open_image_path(it, e.flags | os.O_NOCTTY), it)
 
     def placeholder_is_tty(self, fd: int) -> bool:
         try:
@@ -841,18 +998,54 @@ class _Restorer:
             os.close(own)
 
     def restore_fs(self) -> None:
+        """cwd and root: each opened O_PATH|O_DIRECTORY|O_NOFOLLOW with the
+        placeholder's (the dumped) credentials and checked to be the dumped
+        directory; fchdir to them (search permission checked as the dumped
+        process); chroot(".") is the one step with the restorer's privilege
+        (CAP_SYS_CHROOT: confining is no grant)."""
         e = self.entry
-        if e.cwd:
-            res = self.r.syscall("chdir", self.stage(e.cwd))
-            if res < 0:
-                raise RestoreError(f"cannot chdir to {e.cwd} in process {self.pid}:"
-                                   f" {os.strerror(-res)}")
-        if e.root and e.root != "/":
-            res = self.r.syscall("chroot", self.stage(e.root))
-            if res < 0:
-                raise RestoreError(f"cannot chroot to {e.root} in process {self.pid}:"
-                                   f" {os.strerror(-res)}")
+        if e.umask > 0o777:
+            raise RestoreError(f"image field files.umask: {e.umask:#o}; refusing to restore")
+        fds = []
+        try:
+            dirs = {}
+            for name in ("root", "cwd"):
+                path = getattr(e, name)
+                if not path or (name == "root" and path == "/"):
+                    continue
+                fd = open_path(self.r, path, O_DIRECTORY)
+                if fd < 0:
+                    raise RestoreError(f"cannot open the {name} {path} in process {self.pid}:"
+                                       f" {os.strerror(-fd)}")
+                fd = self.fresh(fd)
+                fds.append(fd)
+                st = os.stat(f"/proc/{self.pid}/fd/{fd}")
+                ident = (getattr(e, f"{name}_dev"), getattr(e, f"{name}_inode"))
+                if not stat.S_ISDIR(st.st_mode) or (ident[1] and ident != (st.st_dev,
+                                                                            st.st_ino)):
+                    raise RestoreError(f"the {name} {path} is not the directory that was "
+                                       "dumped; refusing to restore")
+                dirs[name] = fd
+            if "root" in dirs:
+                self.call("fchdir", dirs["root"])
+                with self.privileged():
+                    res = self.r.syscall("chroot", self.stage("."))
+                if res < 0:
+                    raise RestoreError(f"cannot chroot to {e.root} in process {self.pid}:"
+                                       f" {os.strerror(-res)}")
+            if "cwd" in dirs:
+                res = self.r.syscall("fchdir", dirs["cwd"])
+                if res < 0:
+                    raise RestoreError(f"cannot chdir to {e.cwd} in process {self.pid}:"
+                                       f" {os.strerror(-res)}")
+        finally:
+            for fd in fds:
+                self.r.syscall("close", fd)
         self.call("umask", e.umask)
+
+    def privileged(self):
+        from contextlib import nullcontext
+        return self.privs.privileged() if self.privs is not None else nullcontext()
 
     def close_others(self) -> None:
         for fd in sorted(self.placeholder_fds() - self.needed - self.keep):
