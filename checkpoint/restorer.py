@@ -35,7 +35,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .errors import CheckpointError, ImageError, InjectionError, RestoreError, UsageError
+from .errors import (CheckpointError, ImageError, InjectionError, Interrupted, RestoreError,
+                     UsageError)
+from .interrupt import check as check_stop
+from .interrupt import stoppable
 from .freezer import (SEIZE_OPTIONS, FrozenProcess, FrozenThread, _task_state, deferred_signals,
                       freeze_process)
 from .images import open_chain
@@ -434,6 +437,17 @@ def _kill_reap(pid: int) -> None:
 class _Builder:
     """Builds the dumped process inside a frozen placeholder."""
 
+    @property
+    def _what(self) -> str:
+        """The step being built (named in errors); entering a step is a safe
+        point to act on a stop signal."""
+        return self._step
+
+    @_what.setter
+    def _what(self, step: str) -> None:
+        check_stop()
+        self._step = step
+
     def __init__(self, chain, records: dict, proc: FrozenProcess, inherit: dict[str, int],
                  restart_block: str):
         self.chain = chain
@@ -788,6 +802,17 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
             restart_block: str = "eintr") -> Restored:
+    # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
+    # (interrupt.py); the commit point is the thaw
+    with stoppable():
+        check_stop()
+        return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
+                        inherit_stdio=inherit_stdio, inherit=inherit,
+                        restart_block=restart_block)
+
+
+def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
+             restart_block) -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
     ``detach``: reap the process in the background when it exits (else the
@@ -834,9 +859,10 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
                 try:
                     b.run()
                 except (OSError, InjectionError, CheckpointError) as exc:
-                    if isinstance(exc, RestoreError):
+                    if isinstance(exc, (RestoreError, Interrupted)):
                         raise
                     raise RestoreError(f"restoring {b._what} failed: {exc}") from None
+                check_stop()  # the last chance: from the thaw on it runs
                 spawned.release_keeper()
             except BaseException:
                 proc.kill()  # still traced: it never runs half-built
