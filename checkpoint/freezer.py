@@ -165,12 +165,21 @@ class FrozenProcess:
             time.sleep(0.005)
 
     def _seize(self, tid: int) -> bool:
+        # a thread under seccomp would filter the engine's injected syscalls
+        # (a filter may kill it for them): suspend its filters while traced
+        suspend = _seccomp_mode(self.pid, tid) != 0
         try:
-            pt.seize(tid, SEIZE_OPTIONS)
+            pt.seize(tid, SEIZE_OPTIONS | (pt.PTRACE_O_SUSPEND_SECCOMP if suspend else 0))
         except OSError as exc:
             if exc.errno == errno.ESRCH:  # exited between listing and seizing
                 self.gone.add(tid)
                 return False
+            if exc.errno == errno.EPERM and suspend and _tracer_of(tid) == 0 and \
+                    _task_state(tid) not in ("Z", "X", ""):
+                raise PermissionDenied(f"thread {tid} of process {self.pid} runs under seccomp:"
+                                       " the engine must suspend its filters while it injects"
+                                       " syscalls (PTRACE_O_SUSPEND_SECCOMP), which needs"
+                                       " CAP_SYS_ADMIN; nothing was touched", self.pid) from None
             if exc.errno == errno.EPERM:
                 tracer = _tracer_of(tid)
                 if tracer == os.getpid():
@@ -342,6 +351,13 @@ class FrozenProcess:
 
     def __exit__(self, *exc) -> None:
         self.thaw()
+
+
+def _seccomp_mode(pid: int, tid: int) -> int:
+    try:
+        return int(procfs.read_status(pid, tid).raw.get("Seccomp", "0") or 0)
+    except (CheckpointError, ValueError):
+        return 0
 
 
 def _tracer_of(pid: int) -> int:

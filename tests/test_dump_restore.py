@@ -652,3 +652,31 @@ def test_eventfd_signalfd_epoll_survive(tmp_path, reaper):
         assert ch.ask("check", "CHECK") == "CHECK ok 0"
     assert ch.ask("check", "CHECK") == "CHECK bad 3"  # empty now: not ready, no read
     ch.close()
+
+
+def test_strict_seccomp_process_is_dumped_and_restored(tmp_path, reaper):
+    """A process in seccomp strict mode may only read and write: the engine's
+    injected syscalls would kill it, so the freezer suspends its filter
+    while it is traced (PTRACE_O_SUSPEND_SECCOMP)."""
+    exe = build_target("strict_echo")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    p = subprocess.Popen([exe], stdin=in_r, stdout=out_w)
+    reaper.append(p.pid)
+    assert os.read(out_r, 100) == b"READY\n"
+    os.write(in_w, b"one\n")
+    assert os.read(out_r, 100) == b"ECHO one\n"
+    keys = {os.readlink(f"/proc/self/fd/{in_r}"): in_r, os.readlink(f"/proc/self/fd/{out_w}"): out_w}
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.pre_dump()
+        ck.dump()
+    p.wait(10)  # (the dump succeeded: a filter-killed target fails it with TargetExited)
+    r = restore(tmp_path / "img", inherit=keys, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert procfs.read_status(r.pid).raw["Seccomp"] == "1"
+    os.write(in_w, b"two\n")
+    assert os.read(out_r, 100) == b"ECHO two\n"
+    os.close(in_w)
+    assert r.wait(10) == 0
+    for fd in (in_r, out_r, out_w):
+        os.close(fd)
