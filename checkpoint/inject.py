@@ -80,6 +80,7 @@ ALL_SIGNALS = (1 << 64) - 1
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
 
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
@@ -389,6 +390,20 @@ class Injector:
         """The scratch page was unmapped by an injected call (the restorer
         clears the whole address space): map a new one on next use."""
         self._scratch, self._scratch_mapped = None, False
+
+    def map_scratch(self, addr: int) -> int:
+        """Map the scratch page at ``addr`` exactly (MAP_FIXED_NOREPLACE: never
+        over a mapping), for a caller that is about to fill the address space
+        with MAP_FIXED mappings and knows a page none of them covers."""
+        if self._scratch_mapped:
+            self.call("munmap", self._scratch, PAGE_SIZE)
+        got = self.call("mmap", addr, PAGE_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _u64(-1), 0)
+        if got != addr:
+            raise InjectionError(f"scratch page mapped at {got:#x}, not {addr:#x}",
+                                 self.proc.pid)
+        self._scratch, self._scratch_mapped = got, True
+        return got
 
     @property
     def scratch(self) -> int:

@@ -481,6 +481,9 @@ class _Builder:
                 r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
             self._what = "address space"
             self._clear_and_move_vdso(r)
+            # the scratch page where no dumped VMA will go: a MAP_FIXED
+            # mapping landing on it would silently replace the staged paths
+            r.map_scratch(_free_page(self.rec["mm"].vmas))
             with privs.as_dumped():
                 self._map_vmas(r)
             self._what = "memory pages"
@@ -772,6 +775,20 @@ def _trace_options(proc: FrozenProcess, seccomp: bool) -> None:
                                    "(PTRACE_O_SUSPEND_SECCOMP)") from None
             raise RestoreError(f"PTRACE_SETOPTIONS on placeholder thread {tid}: "
                                f"{os.strerror(exc.errno)}") from None
+
+
+def _free_page(vmas) -> int:
+    """The address of a page no VMA of the image covers (the highest hole
+    below the highest VMA, above the usual mmap_min_addr)."""
+    spans = sorted((v.start, v.end) for v in vmas)
+    top = TASK_SIZE
+    for start, end in reversed(spans):
+        if end <= top - PAGE:
+            return top - PAGE
+        top = min(top, start)
+    if top - PAGE >= 0x10000:
+        return top - PAGE
+    raise RestoreError("the image's VMAs leave no free page for the restorer's scratch page")
 
 
 def _load(images_dir: str):
