@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "checkpoint.commands.images",
     "checkpoint.commands.dump",
     "checkpoint.commands.restore",
+    "checkpoint.commands.migrate",
 ]
 
 

@@ -80,10 +80,10 @@ class DumpStats:
 class Checkpointer:
     """Checkpoint rounds of one process into one images directory."""
 
-    def __init__(self, pid: int, images_dir: str | os.PathLike, *, track: str = "auto",
+    def __init__(self, pid: int, images_dir: str | os.PathLike | None, *, track: str = "auto",
                  compress_level: int = 1, threads: int = 0, max_pages: int = 0,
                  external_fds: bool = False, progress: bool | None = None,
-                 freeze_timeout: float = 5.0, on_frozen=None):
+                 freeze_timeout: float = 5.0, on_frozen=None, store=None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -92,7 +92,13 @@ class Checkpointer:
             if not isinstance(v, int) or not lo <= v <= hi:
                 raise UsageError(f"{name} must be an integer in [{lo}, {hi}], not {v!r}")
         self.pid = pid
-        self.images_dir = os.fspath(images_dir)
+        #: where layers go instead of images_dir: an object with
+        #: ``open_writer(kind, tracker, level, threads)`` and ``published(stats,
+        #: final)`` (live migration streams them to a page server)
+        self.store = store
+        if store is None and images_dir is None:
+            raise UsageError("an images directory (or a layer store) is needed")
+        self.images_dir = os.fspath(images_dir) if images_dir is not None else "<stream>"
         self.track = track
         self.level = compress_level
         self.threads = threads
@@ -105,7 +111,9 @@ class Checkpointer:
         self.on_frozen = on_frozen
         self.tracker: Tracker | None = None
         self._last = None  # (path, (ino, size, mtime_ns), ParentRef) of the layer we wrote last
-        self._prepare_dir()
+        self._vmflags: dict[tuple, frozenset] = {}  # VmFlags of the VMAs seen, by _flag_key
+        if store is None:
+            self._prepare_dir()
 
     # -- chain and tracker ---------------------------------------------------
 
@@ -132,6 +140,8 @@ class Checkpointer:
         # next one (iterative pre-copy converges faster). --threads 1 spares
         # a busy target instead.
         threads = self.threads or (os.cpu_count() or 1)
+        if self.store is not None:
+            return self.store.open_writer(kind, tracker, self.level, threads)
         last = self._last
         if last is not None:
             path, ident, ref = last
@@ -160,6 +170,11 @@ class Checkpointer:
 
     def _load_chain_state(self) -> None:
         """Check the chain belongs to this very process; take its tracker state."""
+        if self.store is not None:  # a stream: this Checkpointer's own rounds only
+            if self.tracker is None or self.tracker.name != choose_tracker(self.track).name:
+                self.tracker = choose_tracker(self.track)()
+            self.tracker.max_pages = self.max_pages
+            return
         if self._last is not None and self.tracker is not None and \
                 self.tracker.name == choose_tracker(self.track).name:
             return  # our own previous round: checked then (_open_writer re-checks the file)
@@ -193,23 +208,38 @@ class Checkpointer:
 
     # -- rounds ---------------------------------------------------------------
 
-    def pre_dump(self) -> DumpStats:
-        """Memory only; the target keeps running; adds one layer."""
-        return self._round(final=False, leave_running=True)
+    def pre_dump(self, hold: float = 0.0) -> DumpStats:
+        """Memory only; the target keeps running; adds one layer.
 
-    def dump(self, leave_running: bool = False) -> DumpStats:
+        ``hold`` (0..1): keep the target frozen while that fraction of the
+        round's pages is read, thawing it only for the rest (live migration's
+        auto-converge: a process that dirties memory faster than the link
+        carries it runs less during the rounds)."""
+        if not 0.0 <= hold <= 1.0:
+            raise UsageError(f"hold must be within [0, 1], not {hold!r}")
+        return self._round(final=False, leave_running=True, hold=hold)
+
+    def dump(self, leave_running: bool = False, commit=None) -> DumpStats:
         """The final layer with the complete state; kills the target once the
-        layer is published unless ``leave_running``."""
-        return self._round(final=True, leave_running=leave_running)
+        layer is published unless ``leave_running``.
 
-    def _round(self, *, final: bool, leave_running: bool) -> DumpStats:
+        ``commit()``, if given, is called once the layer is published, with
+        the target still frozen (live migration: until the destination runs
+        the restored copy). If it raises, the target is thawed and keeps
+        running, and the exception propagates."""
+        return self._round(final=True, leave_running=leave_running, commit=commit)
+
+    def _round(self, *, final: bool, leave_running: bool, commit=None,
+               hold: float = 0.0) -> DumpStats:
         # SIGINT/SIGTERM only set a flag meanwhile; check_stop() acts on it
         # where stopping is safe (checkpoint/interrupt.py)
         with stoppable():
             check_stop()
-            return self._do_round(final=final, leave_running=leave_running)
+            return self._do_round(final=final, leave_running=leave_running, commit=commit,
+                                  hold=hold)
 
-    def _do_round(self, *, final: bool, leave_running: bool) -> DumpStats:
+    def _do_round(self, *, final: bool, leave_running: bool, commit=None,
+                  hold: float = 0.0) -> DumpStats:
         self._load_chain_state()
         tracker = self.tracker
         kind = KIND_DUMP if final else KIND_PREDUMP
@@ -222,6 +252,11 @@ class Checkpointer:
             # counters): a final dump reads it before freezing and, inside,
             # only checks with the cheap maps that the layout is the same
             smaps_before = procfs.read_smaps(self.pid) if final else None
+            if not final:
+                try:  # outside the freeze, where it costs nothing frozen
+                    self._learn_vmflags(procfs.read_maps(self.pid))
+                except CheckpointError:
+                    pass  # (not permitted, gone): the freeze says so, in its words
             t_frozen = time.perf_counter()
             proc = freeze_process(self.pid, self.freeze_timeout)
             try:
@@ -243,14 +278,26 @@ class Checkpointer:
                 if self.on_frozen is not None:
                     self.on_frozen(proc)
                 log.info("%d VMAs, %d pages to write", len(vmas), regions.data_pages)
-                if not final:
+                thawed: dict = {}
+
+                def thaw() -> None:
                     proc.thaw()
-                    frozen_ms = (time.perf_counter() - t_frozen) * 1e3
-                    log.info("thawed after %.2f ms; writing pages while it runs", frozen_ms)
+                    thawed["ms"] = (time.perf_counter() - t_frozen) * 1e3
+                    log.info("thawed after %.2f ms; writing pages while it runs",
+                             thawed["ms"])
                     faults.point("round.thawed")
+
+                if not final and not hold:
+                    thaw()
                 t_mem = time.perf_counter()
-                mem_ms = self._write_pages(writer, regions, progress,
-                                           lost=None if final else lost)
+                mem_ms = self._write_pages(
+                    writer, regions, progress, lost=None if final else lost,
+                    thaw=None if final or not hold else (int(regions.data_pages * hold),
+                                                         thaw))
+                if not final:
+                    if proc.threads:
+                        thaw()
+                    frozen_ms = thawed["ms"]
                 faults.point("round.written")
                 if lost:
                     tracker.lost(lost)
@@ -306,13 +353,26 @@ class Checkpointer:
             progress.close()
         log.info("published %s: %d pages, %d zero, %d bytes stored", st.path, st.pages,
                  st.pages_zero, st.bytes_stored)
+        if self.store is not None or commit is not None:
+            try:
+                if self.store is not None:
+                    self.store.published(st, final)
+                if final and commit is not None:
+                    commit()
+            except BaseException as exc:
+                if proc.threads:
+                    proc.thaw()
+                if self.tracker is not None:
+                    self.tracker.reset(f"the previous round was not committed "
+                                       f"({type(exc).__name__})")
+                raise
         if final:
             if leave_running:
                 proc.thaw()
             else:
                 proc.kill()
                 log.info("killed %d", self.pid)
-        else:
+        elif self.store is None:
             self._remember(st)
         return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
                          full_reason=full_reason, freezing_ms=proc.freezing_ms,
@@ -339,17 +399,19 @@ class Checkpointer:
     def _metadata(self, proc: FrozenProcess, final: bool,
                   smaps_before: list[procfs.Vma] | None = None) -> dict:
         """Records of this round, taken inside the freeze. Pre-dumps hold the
-        tree and the memory map only; a dump holds everything."""
+        tree, the memory map and the process record (a live migration's
+        destination maps the files as that process's user before the final
+        layer); a dump holds everything."""
         pid = self.pid
         out: dict = {}
         cores = []
         with Injector(proc, _leader(proc)) as remote:
             brk = mm_obj.read_brk(remote)
+            vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
+            out["process"] = proc_obj.dump_process(remote, vdso)
             if final:
                 out["signals"] = sig_obj.dump_signals(remote)
                 cores.append(thr_obj.dump_thread(remote))
-                vdso = mm_obj.vdso_identity(pid, procfs.read_maps(pid), proc.mem)
-                out["process"] = proc_obj.dump_process(remote, vdso)
         if final:
             for tid in proc.tids:
                 if tid != remote.tid:
@@ -359,6 +421,9 @@ class Checkpointer:
         vmas = procfs.read_maps(pid)
         if final:
             vmas = _with_smaps_flags(vmas, smaps_before) or procfs.read_smaps(pid)
+        else:  # the flags the restore needs (growsdown, noreserve) for every VMA
+            self._learn_vmflags(vmas)
+            vmas = [procfs.with_flags(v, self._vmflags[_flag_key(v)]) for v in vmas]
         out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
         if final:
@@ -369,8 +434,18 @@ class Checkpointer:
         out["_vmas"] = vmas
         return out
 
+    def _learn_vmflags(self, vmas: list[procfs.Vma]) -> None:
+        """VmFlags never change for a mapping that stays the same, and smaps is
+        costly: read it only when a VMA is new (before a pre-dump's freeze,
+        so that inside it there is nothing left to learn, normally)."""
+        if any(_flag_key(v) not in self._vmflags for v in vmas):
+            smaps = procfs.read_smaps(self.pid)
+            self._vmflags = {_flag_key(w): w.vmflags for w in smaps}
+            for v in vmas:  # gone meanwhile: none of the flags a restore needs
+                self._vmflags.setdefault(_flag_key(v), frozenset())
+
     def _write_pages(self, writer, regions: "Regions", progress: "Progress",
-                     lost: list[tuple[int, int]] | None = None) -> float:
+                     lost: list[tuple[int, int]] | None = None, thaw=None) -> float:
         """Read the data regions from the target straight into the writer's
         frame buffer, in address order, zero regions as zero. Scattered
         regions are read together: one process_vm_readv for up to IOV_MAX of
@@ -380,7 +455,9 @@ class Checkpointer:
         With ``lost`` (a pre-dump, reading after the thaw) a range the
         program unmapped meanwhile is not an error: it is left out of the
         layer and appended to ``lost`` (the tracker then takes its VMA whole
-        next round). Inside a freeze nothing can vanish: any failure is one."""
+        next round). Inside a freeze nothing can vanish: any failure is one.
+        ``thaw``: (pages, callback): thaw the target once that many pages
+        were read (a held pre-dump)."""
         pid = self.pid
         try:
             fd = procfs.open_proc_fd(pid, "mem")
@@ -388,13 +465,16 @@ class Checkpointer:
             raise TargetExited(f"process {pid} exited during the dump", pid) from None
         progress.total(regions.data_pages)
         read_s = 0.0
+        done = 0
         runs: list[tuple[int, int]] = []  # (addr, npages) of the pending batch
         iov = array("Q")
         fill = 0
         space = writer.frame_space()
 
+        hold_until = list(thaw) if thaw is not None else None
+
         def flush() -> None:
-            nonlocal fill, read_s, space
+            nonlocal fill, read_s, space, done
             if not runs:
                 return
             check_stop()
@@ -432,7 +512,11 @@ class Checkpointer:
             space.release()
             if kept:
                 writer.commit_runs(pid, kept, fill)
+            done += sum(n for _, n in runs)
             progress.advance(sum(n for _, n in runs))
+            if hold_until and done >= hold_until[0]:
+                hold_until.pop()()   # the callback, once
+                hold_until.clear()
             runs.clear()
             del iov[:]
             fill = 0
@@ -534,6 +618,10 @@ def _fill_gaps(v: procfs.Vma, rows: list) -> list:
 
 def _leader(proc: FrozenProcess) -> int:
     return proc.pid if proc.pid in proc.threads else proc.tids[0]
+
+
+def _flag_key(v: procfs.Vma) -> tuple:
+    return (v.start, v.end, v.inode, v.offset, v.perms, v.path)
 
 
 def _with_smaps_flags(vmas: list[procfs.Vma],

@@ -34,6 +34,16 @@ class Progress:
         sys.stderr.flush()
         self._shown = True
 
+    def note(self, text: str) -> None:
+        """One status line (a migration round), on a terminal only."""
+        if not self.enabled:
+            return
+        if self._shown:
+            sys.stderr.write("\n")
+            self._shown = False
+        sys.stderr.write(f"{self.label}: {text}\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
         if self._shown:
             sys.stderr.write("\n")

@@ -270,8 +270,13 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
         if libc.unshare(CLONE_NEWPID) != 0:
             os._exit(NS_EXIT_EPERM if ctypes.get_errno() == errno.EPERM else NS_EXIT_OTHER)
         keeper = pidfd_open(os.getpid())  # init sees no PID of its parent (another namespace)
+        # nothing of the engine's stays open here but what the placeholder
+        # gets (its stdio, the inherited fds): no listening socket, no pipe
+        # of the caller kept open by a process that lives as long as the copy
+        _close_all_but({0, 1, 2, ack, keeper, *pass_fds})
         init = os.fork()
         if init:
+            _close_all_but({ack})
             while True:
                 try:
                     _, status = os.waitpid(init, 0)
@@ -293,6 +298,7 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
             os._exit(NS_EXIT_EPERM if "not permitted" in str(exc) else NS_EXIT_OTHER)
         if child == 0:
             _exec_placeholder(exe, pass_fds, 1)  # the namespace's init is PID 1
+        _close_all_but(set())
         while True:  # the namespace's init: reap everything, leave with the placeholder
             got, status = os.waitpid(-1, 0)
             if got == child:
@@ -300,6 +306,23 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
                 os._exit(code if code >= 0 else 128 - code)
     finally:
         os._exit(NS_EXIT_OTHER)
+
+
+def _close_all_but(keep: set[int]) -> None:  # pragma: no cover (in forked children)
+    """Close every fd not in ``keep``; stdio not kept becomes /dev/null."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep and fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd not in keep:
+            os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
 
 
 def _children(pid: int) -> list[int]:
@@ -460,60 +483,79 @@ class _Builder:
         self._engine_tid: dict[int, int] = {}  # dumped TID -> TID as the engine sees it
 
     def run(self) -> None:
-        proc, rec = self.proc, self.rec
+        """The whole build from a complete chain (``checkpoint restore``)."""
+        rec = self.rec
         log.info("building PID %d: %d VMAs, %d threads", self.pid, len(rec["mm"].vmas),
                  len(rec["core"]))
-        cores = {c.tid: c for c in rec["core"]}
-        leader = rec["pstree"].pid
         # safe=False: a half-built process has nothing to return to; it dies
         # with the engine instead
-        with Injector(proc, proc.pid, safe=False) as r:
-            # the placeholder starts with the restorer's credentials; opens of
-            # what the image names run with the dumped ones (Privs)
-            sb = r.call("prctl", proc_obj.PR_GET_SECUREBITS, 0, 0, 0, 0)
-            self.current = proc_obj.Creds.of_status(procfs.read_status(self.pid), sb)
-            self.dumped = proc_obj.Creds.of_entry(rec["process"].creds, self.current)
-            privs = proc_obj.Privs(r, self.dumped, self.current)
-            self._engine_tid[leader] = self.pid
-            self._what = "placeholder rseq"
-            cfg = pt.get_rseq_configuration(proc.pid)
-            if cfg.pointer:
-                r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
-            self._what = "address space"
-            self._clear_and_move_vdso(r)
-            # the scratch page where no dumped VMA will go: a MAP_FIXED
-            # mapping landing on it would silently replace the staged paths
-            r.map_scratch(_free_page(self.rec["mm"].vmas))
-            with privs.as_dumped():
+        with Injector(self.proc, self.proc.pid, safe=False) as r:
+            self.begin(r)
+            with self.privs.as_dumped():
                 self._map_vmas(r)
             self._what = "memory pages"
             self._write_pages()
             log.info("%d pages written", self.pages)
-            self._what = "mm fields (PR_SET_MM_MAP)"
-            self._set_mm(r, privs)
-            self._what = "signal dispositions"
-            self._sigactions(r)
-            self._what = "files"
-            with privs.as_dumped():
-                restore_files(r, rec["files"], inherit=self.inherit, privs=privs)
-            self._what = "process attributes"
-            self._process_attrs(r)
-            self._what = f"thread {leader}"
-            self._thread_state(r, cores[leader])
-            for tid in rec["pstree"].threads:
-                if tid != leader:
-                    self._what = f"thread {tid}"
-                    self._new_thread(r, cores[tid])
-            self._what = "pending signals"
-            self._pending_signals(r, cores)
-            # last: the leader's credentials, seccomp, then what a change of
-            # credentials resets (parent-death signal, dumpable)
-            self._what = f"thread {leader} credentials and seccomp"
-            self._creds(r, cores[leader])
-            proc_obj.finish_leader(r, rec["process"])
-            self._what = f"thread {leader} registers"
-            r.install_on_exit(*self._final_state(cores[leader]))
-        for tid, core in cores.items():
+            self.finish(r)
+        self.check_applied()
+
+    def begin(self, r: Injector) -> None:
+        """An empty address space with the dumped vDSO block, and the
+        credentials to open what the image names (the dumped ones)."""
+        rec, proc = self.rec, self.proc
+        # the placeholder starts with the restorer's credentials; opens of
+        # what the image names run with the dumped ones (Privs)
+        sb = r.call("prctl", proc_obj.PR_GET_SECUREBITS, 0, 0, 0, 0)
+        self.current = proc_obj.Creds.of_status(procfs.read_status(self.pid), sb)
+        self.dumped = proc_obj.Creds.of_entry(rec["process"].creds, self.current)
+        self.privs = proc_obj.Privs(r, self.dumped, self.current)
+        self._engine_tid[rec["pstree"].pid] = self.pid
+        self._what = "placeholder rseq"
+        cfg = pt.get_rseq_configuration(proc.pid)
+        if cfg.pointer:
+            r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
+        self._what = "address space"
+        self._clear_and_move_vdso(r)
+        # the scratch page where no dumped VMA will go: a MAP_FIXED
+        # mapping landing on it would silently replace the staged paths
+        self.scratch_at = _free_page(rec["mm"].vmas)
+        r.map_scratch(self.scratch_at)
+
+    def finish(self, r: Injector) -> None:
+        """Everything but memory, once the memory is in place: mm fields,
+        signals, files, process attributes, the threads, credentials, and
+        the leader's registers (installed when ``r`` exits)."""
+        rec = self.rec
+        cores = {c.tid: c for c in rec["core"]}
+        leader = rec["pstree"].pid
+        privs = self.privs
+        self._what = "mm fields (PR_SET_MM_MAP)"
+        self._set_mm(r, privs)
+        self._what = "signal dispositions"
+        self._sigactions(r)
+        self._what = "files"
+        with privs.as_dumped():
+            restore_files(r, rec["files"], inherit=self.inherit, privs=privs)
+        self._what = "process attributes"
+        self._process_attrs(r)
+        self._what = f"thread {leader}"
+        self._thread_state(r, cores[leader])
+        for tid in rec["pstree"].threads:
+            if tid != leader:
+                self._what = f"thread {tid}"
+                self._new_thread(r, cores[tid])
+        self._what = "pending signals"
+        self._pending_signals(r, cores)
+        # last: the leader's credentials, seccomp, then what a change of
+        # credentials resets (parent-death signal, dumpable)
+        self._what = f"thread {leader} credentials and seccomp"
+        self._creds(r, cores[leader])
+        proc_obj.finish_leader(r, rec["process"])
+        self._what = f"thread {leader} registers"
+        r.install_on_exit(*self._final_state(cores[leader]))
+
+    def check_applied(self) -> None:
+        for tid, core in {c.tid: c for c in self.rec["core"]}.items():
             self._what = f"thread {tid} credentials"
             proc_obj.check_applied(self.pid, self._engine_tid.get(tid, tid), self.dumped,
                                    self._nnp(core), core.seccomp_mode)
@@ -593,10 +635,11 @@ class _Builder:
             r.syscall("close", pfd)
         return fd
 
-    def _map_vmas(self, r: Injector) -> None:
+    def _map_vmas(self, r: Injector, vmas=None) -> None:
+        """Map ``vmas`` (default: all of the image's) fresh at their addresses."""
         opened: dict[tuple[str, int], int] = {}
         try:
-            for v in self.rec["mm"].vmas:
+            for v in (self.rec["mm"].vmas if vmas is None else vmas):
                 if v.path in mm_obj.SPECIAL:
                     continue
                 self._what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()

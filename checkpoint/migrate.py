@@ -1,0 +1,216 @@
+"""Live migration, the source side: iterative pre-copy to a page server that
+builds the process as the layers arrive, then one short final freeze.
+
+    st = migrate(pid, to="10.0.0.2:4000", key=key)   # -> MigrationStats
+    st.downtime_ms, st.rounds, st.remote_pid
+
+The policy (docs/migrate.md):
+- pre-dump rounds while the process runs; each round's layer is streamed,
+  checked, published and applied on the destination before the next round;
+- after each round the downtime of stopping now is predicted, as QEMU does:
+  the pages the next round would carry (those dirtied meanwhile: about what
+  the last round carried, the process dirties at a steady rate) at the
+  measured end-to-end bandwidth, plus the fixed cost of a final round (the
+  freeze, the metadata, the state the destination adds: measured on the
+  first round and the destination's apply times). Switch over when the
+  prediction is within ``downtime_limit_ms``;
+- guards as P.Haul: at most ``max_rounds`` pre-dumps; a round that carried
+  64 pages or fewer ends the pre-copy; a round that grew more than 10% over
+  the one before (after the second) means the process dirties memory faster
+  than the link carries it: then stop-the-world, or with ``auto_converge``
+  throttle it (it stays frozen for part of each round, more each time the
+  rounds do not shrink) until they do;
+- the final round freezes the process, streams the last layer, and waits,
+  still frozen, for the destination's RUNNING; only then is the source
+  killed. Any failure before that thaws the source, which runs on; the
+  destination discards what it staged.
+
+Downtime is measured on the source, from the final freeze to RUNNING's
+arrival, less half a round trip (the message's way back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from .dumper import Checkpointer
+from .errors import CheckpointError, TransportError, UsageError
+from .progress import Progress
+from .transport import host_facts, mismatch
+from .transport.client import RemoteChain, connect
+from .transport.wire import T
+
+log = logging.getLogger("checkpoint.migrate")
+SMALL_ROUND = 64          # pages: a round this small ends the pre-copy (P.Haul)
+GROWTH = 1.10             # a round growing more than this is not converging (P.Haul)
+THROTTLE_STEPS = (0.3, 0.6, 0.9)
+
+
+@dataclass
+class RoundStats:
+    pages: int
+    bytes: int
+    ms: float
+    frozen_ms: float
+    throttle: float = 0.0
+
+
+@dataclass
+class MigrationStats:
+    rounds: int = 0
+    downtime_ms: float = 0.0
+    predicted_downtime_ms: float = 0.0
+    frozen_ms: float = 0.0
+    total_ms: float = 0.0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    bytes_raw: int = 0
+    remote_pid: int | None = None
+    remote_images: str = ""
+    converged: bool = True
+    reason: str = ""
+    bandwidth_mbps: float = 0.0
+    per_round: list = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["per_round"] = [r if isinstance(r, dict) else asdict(r) for r in self.per_round]
+        return d
+
+
+def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: int = 8,
+            bandwidth: float | None = None, key: bytes | None = None, tls=None,
+            auto_converge: bool = False, track: str = "auto", threads: int = 0,
+            compress_level: int = 1, progress: bool | None = None,
+            timeout: float = 60.0) -> MigrationStats:
+    """Migrate process ``pid`` to the page server at ``to`` (HOST:PORT)."""
+    if downtime_limit_ms <= 0 or max_rounds < 0:
+        raise UsageError("the downtime limit must be positive and max_rounds >= 0")
+    t_start = time.perf_counter()
+    stats = MigrationStats()
+    facts = host_facts()
+    conn, dest = connect(to, key=key, tls=tls, timeout=timeout,
+                         facts={**facts, "pid": pid})
+    bar = Progress("migrate", enabled=progress)
+    try:
+        why = mismatch(facts, dest)
+        if why:
+            raise TransportError(f"cannot migrate to {to}: {why}")
+        stats.remote_images = str(dest.get("images", ""))
+        restoring = bool(dest.get("restore"))
+        rtt = _rtt(conn)
+        chain = RemoteChain(conn, bandwidth=bandwidth)
+        with Checkpointer(pid, None, store=chain, track=track, threads=threads,
+                          compress_level=compress_level, progress=False) as ck:
+            predicted = _precopy(ck, chain, stats, downtime_limit_ms, max_rounds,
+                                 auto_converge, bar)
+            stats.predicted_downtime_ms = predicted
+            answer: dict = {}
+            marks: dict = {}
+
+            def commit() -> None:     # the source is frozen; its layer is on the way
+                marks["sent"] = time.perf_counter()
+                _, msg = conn.recv_json(T.RUNNING if restoring else T.ACK)
+                marks["got"] = time.perf_counter()
+                answer.update(msg)
+
+            st = ck.dump(commit=commit)
+        stats.rounds += 1
+        stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored,
+                                          st.frozen_ms, st.frozen_ms))
+        stats.pages_sent += st.pages_written
+        stats.bytes_raw += st.bytes_raw
+        stats.frozen_ms = st.frozen_ms
+        stats.downtime_ms = st.frozen_ms + (marks["got"] - marks["sent"]) * 1e3 - rtt / 2
+        stats.remote_pid = answer.get("pid")
+        try:    # the source is gone: the destination keeps its copy
+            conn.send(T.DONE, {})
+            conn.recv(T.BYE)
+        except TransportError as exc:
+            log.info("after the switch-over: %s", exc)
+        stats.bytes_sent = conn.bytes_sent
+    except BaseException:
+        try:
+            conn.send(T.ERROR, {"error": "the source stopped the migration"})
+        except CheckpointError:
+            pass
+        raise
+    finally:
+        bar.close()
+        conn.close()
+    stats.total_ms = (time.perf_counter() - t_start) * 1e3
+    log.info("migrated %d in %d rounds: downtime %.1f ms (predicted %.1f), %d bytes",
+             pid, stats.rounds, stats.downtime_ms, stats.predicted_downtime_ms,
+             stats.bytes_sent)
+    return stats
+
+
+def _rtt(conn) -> float:
+    t = time.perf_counter()
+    conn.send(T.PING, {"t": t})
+    conn.recv(T.PONG)
+    return (time.perf_counter() - t) * 1e3
+
+
+def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit: float,
+             max_rounds: int, auto_converge: bool, bar: Progress) -> float:
+    """The pre-dump rounds; returns the predicted downtime of stopping now."""
+    fixed = None              # ms a final round costs beyond its pages
+    rate = 0.0                # end-to-end bytes/ms
+    prev_pages = None
+    throttle = 0
+    predicted = float("inf")
+    while stats.rounds < max_rounds:
+        t0 = time.perf_counter()
+        hold = THROTTLE_STEPS[throttle - 1] if throttle else 0.0
+        st = ck.pre_dump(hold=hold) if hold else ck.pre_dump()
+        ms = (time.perf_counter() - t0) * 1e3
+        stats.rounds += 1
+        stats.pages_sent += st.pages_written
+        stats.bytes_raw += st.bytes_raw
+        stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored, ms, st.frozen_ms,
+                                          hold))
+        moving = max(ms - st.frozen_ms, 1e-3)       # read + compress + send + apply
+        if st.bytes_stored:
+            rate = st.bytes_stored / moving
+            stats.bandwidth_mbps = rate * 1e3 * 8 / 1e6
+        if fixed is None:
+            # freeze and metadata of a round, plus what the destination adds at
+            # the end (files, threads, credentials: about a small restore)
+            fixed = st.frozen_ms + FINAL_EXTRA_MS
+        per_page = (st.bytes_stored / st.pages_written) if st.pages_written else 0.0
+        predicted = fixed + (st.pages_written * per_page / rate if rate else 0.0)
+        bar.note(f"round {stats.rounds}: {st.pages_written} pages, {ms:.0f} ms, "
+                 f"{stats.bandwidth_mbps:.0f} Mbit/s, predicted downtime {predicted:.1f} ms")
+        log.info("round %d: %d pages in %.1f ms (frozen %.1f); predicted downtime %.1f ms",
+                 stats.rounds, st.pages_written, ms, st.frozen_ms, predicted)
+        if predicted <= limit:
+            stats.reason = "predicted downtime within the limit"
+            return predicted
+        if st.pages_written <= SMALL_ROUND:
+            stats.reason = f"a round of {st.pages_written} pages"
+            return predicted
+        growing = prev_pages is not None and stats.rounds > 2 and \
+            st.pages_written > prev_pages * GROWTH
+        shrinking = prev_pages is None or st.pages_written < prev_pages
+        prev_pages = st.pages_written
+        if growing or (not shrinking and stats.rounds > 2):
+            if auto_converge and throttle < len(THROTTLE_STEPS):
+                throttle += 1
+                log.info("not converging: throttling the process to %d%% frozen",
+                         THROTTLE_STEPS[throttle - 1] * 100)
+                continue
+            stats.converged = False
+            stats.reason = ("the process dirties memory faster than the link carries it "
+                            "(rounds stopped shrinking)" + ("" if auto_converge else
+                                                            "; --auto-converge throttles it"))
+            return predicted
+    stats.converged = predicted <= limit
+    stats.reason = stats.reason or f"{max_rounds} rounds (--max-rounds)"
+    return predicted
+
+
+FINAL_EXTRA_MS = 20.0

@@ -1,0 +1,396 @@
+"""Live migration between two "hosts" (network namespaces joined by a veth
+pair): `checkpoint migrate` in one, `checkpoint page-server --restore
+--pid-ns` in the other (one machine has one PID space, and the source holds
+the PIDs until it is killed).
+
+The self-checking targets (the C memcheck and the CPython py_threads) run in
+the source namespace and talk to the test over pipes; the page server gets
+the same pipes (``--inherit-fd``), so the test talks to the copy once it
+runs. Faults: a wrong key, the destination dying mid-stream and mid-restore,
+a connection cut or a byte corrupted in transit (a proxy in between), the
+target exiting, the source engine killed, a second client: in each case the
+source keeps running unharmed (or its exit is reported), nothing is
+restored, nothing is left in the destination's directory, and a second
+migration afterwards succeeds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import fault_helpers as fh
+from checkpoint.images import open_chain
+from conftest import build_target, proc_state, tracer_of
+from netns import two_hosts
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).with_name("checkpoint"))
+PR_SET_CHILD_SUBREAPER = 36
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with two_hosts() as pair:
+        yield pair
+
+
+@pytest.fixture
+def key(tmp_path):
+    p = tmp_path / "key"
+    p.write_bytes(os.urandom(32))
+    p.chmod(0o600)
+    return str(p)
+
+
+@pytest.fixture
+def reap():
+    """Orphans (a page server's namespace keeper, a restored copy) come to
+    this process; everything is killed and reaped at the end."""
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            got, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if got == 0:
+            time.sleep(0.02)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+class Target(fh.Mem):
+    """A self-checking target in the source namespace."""
+
+    @classmethod
+    def start_in(cls, host, argv: list[str], ready: str | None = "READY") -> "Target":
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        p = subprocess.Popen(host.wrap(argv), stdin=in_r, stdout=out_w)
+        keys = {os.readlink(f"/proc/self/fd/{in_r}"): in_r,
+                os.readlink(f"/proc/self/fd/{out_w}"): out_w}
+        t = cls(p.pid, in_w, out_r, keys, p)
+        if ready is None:
+            return t
+        first = t.line(20)
+        assert first.startswith(ready), first
+        parts = first.split()
+        if len(parts) >= 4 and parts[0] == "READY":
+            t.region = (int(parts[2], 16), int(parts[2], 16) + int(parts[3]) * 4096)
+        return t
+
+    def alive_and_untraced(self) -> bool:
+        from checkpoint.kernel import procfs
+        if proc_state(self.pid) in ("", "Z", "X"):
+            return False
+        return all(proc_state(t) not in ("t", "T") and tracer_of(t) == 0
+                   for t in procfs.list_tasks(self.pid))
+
+
+def memcheck(hosts, mib=32, pause_us=100) -> Target:
+    t = Target.start_in(hosts[0], [build_target("memcheck"), mib, 2, pause_us])
+    assert t.cmd("run") == "running"
+    return t
+
+
+class Server:
+    def __init__(self, host, images, target: Target, key: str | None, extra=(), env=None):
+        self.images = images
+        fds = tuple(target.keys.values())
+        inherit = []
+        for k, fd in target.keys.items():
+            inherit += ["--inherit-fd", f"fd[{fd}]:{k}"]
+        argv = [CLI, "page-server", "-D", images, "--address", host.ip, "--port", "0",
+                "--restore", "--pid-ns", "--once", "--json", *inherit, *extra]
+        if key:
+            argv += ["--auth-key", key]
+        self.p = subprocess.Popen(host.wrap(argv), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, pass_fds=fds,
+                                  env={**os.environ, **(env or {})})
+        line = self.p.stdout.readline()
+        assert line, self.p.stderr.read()
+        self.port = json.loads(line)["port"]
+        self.addr = f"{host.ip}:{self.port}"
+
+    def result(self, timeout=60) -> dict:
+        out, err = self.p.communicate(timeout=timeout)
+        self.stderr = err
+        return json.loads(out.splitlines()[-1]) if out.strip() else {"ok": False,
+                                                                      "error": err}
+
+
+def migrate(host, target_pid: int, to: str, key: str | None, *extra, env=None,
+            timeout=120) -> subprocess.CompletedProcess:
+    argv = [CLI, "migrate", "-t", target_pid, "--to", to, "--json", *extra]
+    if key:
+        argv += ["--auth-key", key]
+    return subprocess.run(host.wrap(argv), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def adopt(t: Target, pid: int) -> Target:
+    """The copy: same pipes, new PID (as this engine sees it)."""
+    new = Target(pid, t.to_w, t.from_r, t.keys)
+    new.buf, new.region = t.buf, t.region
+    return new
+
+
+def _dir_empty(d) -> bool:
+    return not os.path.exists(d) or not os.listdir(d)
+
+
+# --------------------------------------------------------------------------
+# the job
+
+
+def test_memcheck_migrates_between_hosts(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = memcheck(hosts)
+    reap.append(t.pid)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, key)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    assert st["remote_pid"] is not None and st["rounds"] >= 2
+    assert st["downtime_ms"] > 0 and st["predicted_downtime_ms"] > 0
+    assert st["bytes_sent"] >= st["per_round"][0]["bytes"]
+    print(f"memcheck 32 MiB: {st['rounds']} rounds, downtime {st['downtime_ms']:.1f} ms "
+          f"(predicted {st['predicted_downtime_ms']:.1f}), {st['bytes_sent'] >> 20} MiB sent")
+    assert proc_state(t.pid) in ("", "Z")     # the source is gone
+    copy = adopt(t, res["restored_pid"])
+    assert copy.cmd("pause") == "paused"
+    assert copy.cmd("check", timeout=30).startswith("good")
+    assert copy.cmd("run") == "running"
+    # the destination's directory is a sound chain of whole layers
+    with open_chain(res["images"], verify_frames=True) as chain:
+        assert chain.top.kind == "dump" and len(chain.layers) == st["rounds"]
+
+
+def test_python_program_migrates(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = Target.start_in(src, [sys.executable, ROOT / "tests/targets/py_threads.py"],
+                        ready="READY")
+    reap.append(t.pid)
+    time.sleep(0.3)
+    before = t.cmd("status")
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, key)
+    assert r.returncode == 0, r.stderr
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    copy = adopt(t, res["restored_pid"])
+    time.sleep(0.3)
+    after = copy.cmd("status")
+    assert "errors=0" in after, after
+    b = {k: int(v) for k, v in (f.split("=") for f in before.split()[1:])}
+    a = {k: int(v) for k, v in (f.split("=") for f in after.split()[1:])}
+    assert all(a[k] > b[k] for k in ("sleep", "queue", "select", "compute")), (before, after)
+
+
+# --------------------------------------------------------------------------
+# faults: the source runs on, nothing is kept, and the next migration works
+
+
+def _source_unharmed(t: Target) -> None:
+    assert t.alive_and_untraced(), "the source was left stopped, traced or dead"
+    assert t.cmd("pause") == "paused"
+    assert t.cmd("check", timeout=30).startswith("good")
+    assert t.cmd("run") == "running"
+
+
+def _second_migration_works(hosts, t: Target, key, tmp_path, reap) -> None:
+    srv = Server(hosts[1], str(tmp_path / "again"), t, key)
+    r = migrate(hosts[0], t.pid, srv.addr, key)
+    assert r.returncode == 0, r.stderr
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    copy = adopt(t, res["restored_pid"])
+    assert copy.cmd("pause") == "paused"
+    assert copy.cmd("check", timeout=30).startswith("good")
+
+
+def test_wrong_key_is_refused_before_any_data(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = memcheck(hosts)
+    reap.append(t.pid)
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, str(other))
+    assert r.returncode == 8 and "key" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    res = srv.result()
+    assert not res["ok"] and "authentication" in res["error"]
+    assert _dir_empty(tmp_path / "dst") or os.listdir(tmp_path / "dst") == []
+    _source_unharmed(t)
+    # and without any key, off loopback: refused on both ends
+    r = migrate(src, t.pid, f"{dst.ip}:1", None)
+    assert r.returncode == 8 and "authentication" in r.stderr
+    _second_migration_works(hosts, t, key, tmp_path, reap)
+
+
+@pytest.mark.parametrize("when", ["mid-stream", "mid-restore"])
+def test_destination_dies(hosts, key, tmp_path, reap, when):
+    src, dst = hosts
+    t = memcheck(hosts)
+    reap.append(t.pid)
+    fault = "server.data@20:kill" if when == "mid-stream" else "stager.finish:kill"
+    srv = Server(dst, str(tmp_path / "dst"), t, key, env={"CHECKPOINT_FAULT": fault})
+    r = migrate(src, t.pid, srv.addr, key)
+    assert r.returncode == 8, (r.returncode, r.stderr)
+    srv.p.wait(30)
+    assert srv.p.returncode == -signal.SIGKILL
+    _source_unharmed(t)
+    _second_migration_works(hosts, t, key, tmp_path, reap)
+
+
+class Proxy:
+    """A TCP relay between source and destination that cuts the connection
+    after ``cut`` bytes from the source, or flips one bit at byte ``flip``."""
+
+    def __init__(self, to: str, cut: int | None = None, flip: int | None = None):
+        self.to, self.cut, self.flip = to, cut, flip
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(1)
+        self.port = self.ls.getsockname()[1]
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        c, _ = self.ls.accept()
+        host, port = self.to.rsplit(":", 1)
+        d = socket.create_connection((host, int(port)))
+        done = threading.Event()
+
+        def back():
+            try:
+                while data := d.recv(65536):
+                    c.sendall(data)
+            except OSError:
+                pass
+            done.set()
+        threading.Thread(target=back, daemon=True).start()
+        n = 0
+        try:
+            while data := c.recv(65536):
+                data = bytearray(data)
+                if self.flip is not None and n <= self.flip < n + len(data):
+                    data[self.flip - n] ^= 0x10
+                if self.cut is not None and n + len(data) >= self.cut:
+                    d.sendall(data[:self.cut - n])
+                    break
+                d.sendall(data)
+                n += len(data)
+        except OSError:
+            pass
+        for s in (c, d):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.mark.parametrize("how", ["cut", "flip-keyed", "flip-unkeyed"])
+def test_stream_cut_or_corrupted(tmp_path, reap, key, how):
+    """On loopback (a relay in between): the stream cut after 2 MiB, or one
+    bit flipped in the middle of a layer, with and without a key (the MAC,
+    or the layer's SHA-256 and checksums, catch it)."""
+    exe = build_target("memcheck")
+    t = fh.Mem.start(str(exe), 32, 2, 100)
+    reap.append(t.pid)
+    assert t.cmd("run") == "running"
+    k = None if how == "flip-unkeyed" else key
+    lo = type("H", (), {"ip": "127.0.0.1", "wrap": staticmethod(lambda a: list(map(str, a)))})
+    srv = Server(lo, str(tmp_path / "dst"), t, k)
+    proxy = Proxy(srv.addr, cut=2 << 20 if how == "cut" else None,
+                  flip=None if how == "cut" else 3 << 20)
+    r = migrate(lo, t.pid, f"127.0.0.1:{proxy.port}", k)
+    assert r.returncode == 8, (r.returncode, r.stderr)
+    res = srv.result()
+    assert not res["ok"], res
+    assert res["images"] == "" and _dir_empty(tmp_path / "dst") or \
+        os.listdir(tmp_path / "dst") == []
+    print(f"{how}: source: {r.stderr.strip()} / destination: {res['error']}")
+    t2 = Target(t.pid, t.to_w, t.from_r, t.keys)
+    t2.buf = t.buf
+    assert t2.alive_and_untraced()
+    assert t2.cmd("pause") == "paused" and t2.cmd("check").startswith("good")
+
+
+def test_target_exits_mid_migration(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = memcheck(hosts, mib=64)
+    reap.append(t.pid)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    p = subprocess.Popen(src.wrap([CLI, "migrate", "-t", t.pid, "--to", srv.addr, "--json",
+                                   "--auth-key", key]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "CHECKPOINT_FAULT_LOG": str(tmp_path / "log")})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "log").exists() or "round.thawed" not in (tmp_path / "log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    t.kill()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode in (4, 8), (p.returncode, err)
+    assert "exited" in err or "no such process" in err.lower(), err
+    res = srv.result()
+    assert not res["ok"] and _dir_empty(tmp_path / "dst")
+
+
+def test_source_engine_killed(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = memcheck(hosts)
+    reap.append(t.pid)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, key, env={"CHECKPOINT_FAULT": "round.pages@30:kill"})
+    assert r.returncode == -signal.SIGKILL
+    res = srv.result()
+    assert not res["ok"] and _dir_empty(tmp_path / "dst"), res
+    _source_unharmed(t)
+    _second_migration_works(hosts, t, key, tmp_path, reap)
+
+
+def test_second_client_is_refused_while_busy(hosts, key, tmp_path, reap):
+    src, dst = hosts
+    t = memcheck(hosts, mib=64)
+    reap.append(t.pid)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    p = subprocess.Popen(src.wrap([CLI, "migrate", "-t", t.pid, "--to", srv.addr, "--json",
+                                   "--auth-key", key, "--bandwidth", "200M"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)
+    other = migrate(src, t.pid, srv.addr, key)
+    assert other.returncode != 0 and ("busy" in other.stderr or "traced" in other.stderr), \
+        other.stderr
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    res = srv.result()
+    assert res["ok"]
+    reap.append(res["restored_pid"])
