@@ -104,7 +104,8 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
         rtt = _rtt(conn)
         chain = RemoteChain(conn, bandwidth=bandwidth)
         with Checkpointer(pid, None, store=chain, track=track, threads=threads,
-                          compress_level=compress_level, progress=False) as ck:
+                          compress_level=compress_level, progress=False,
+                          count_skipped=False) as ck:
             predicted = _precopy(ck, chain, stats, downtime_limit_ms, max_rounds,
                                  auto_converge, bar)
             stats.predicted_downtime_ms = predicted
@@ -113,9 +114,8 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
 
             def commit() -> None:     # the source is frozen; its layer is on the way
                 marks["sent"] = time.perf_counter()
-                _, msg = conn.recv_json(T.RUNNING if restoring else T.ACK)
+                answer.update(chain.wait_final(restoring))
                 marks["got"] = time.perf_counter()
-                answer.update(msg)
 
             st = ck.dump(commit=commit)
         stats.rounds += 1

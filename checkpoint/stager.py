@@ -224,30 +224,78 @@ class Stager:
         if not runs:
             return
         fd = self.proc.mem.fd
-        frame_no, frame = -1, None
         starts, rest = runs
-        i = 0
-        for a, (e, fno, off) in zip(starts, rest):
-            while i < len(spans) and spans[i][1] <= a:
-                i += 1
-            if fno >= 0 and fno != frame_no:
-                frame, frame_no = memoryview(layer.read_frame(fno)), fno
-            j = i
-            while j < len(spans) and spans[j][0] < e:
-                s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
-                if s0 < e0:
-                    if fno >= 0:
-                        data = frame[off + s0 - a:off + e0 - a]
-                        if os.pwrite(fd, data, s0) != len(data):
-                            raise RestoreError(f"short write of pages at {s0:#x}")
-                        self.pages += (e0 - s0) // PAGE
-                    elif not spans[j][2]:  # a zero run in a kept mapping: drop the pages
-                        res = r.syscall("madvise", s0, e0 - s0, MADV_DONTNEED)
-                        if res == -errno.EINVAL:   # e.g. mlocked: write the zeros instead
-                            zero = bytes(min(e0 - s0, 1 << 20))
-                            for o in range(s0, e0, len(zero)):
-                                os.pwrite(fd, zero[:min(len(zero), e0 - o)], o)
-                        elif res < 0:
-                            raise RestoreError(f"madvise(DONTNEED) at {s0:#x}: "
-                                               f"{os.strerror(-res)}")
-                j += 1
+        frames = _FramePrefetch(layer, [fno for _, fno, _ in rest if fno >= 0])
+        try:
+            i = 0
+            for a, (e, fno, off) in zip(starts, rest):
+                while i < len(spans) and spans[i][1] <= a:
+                    i += 1
+                frame = frames.get(fno) if fno >= 0 else None
+                j = i
+                while j < len(spans) and spans[j][0] < e:
+                    s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
+                    if s0 < e0:
+                        if frame is not None:
+                            data = frame[off + s0 - a:off + e0 - a]
+                            if os.pwrite(fd, data, s0) != len(data):
+                                raise RestoreError(f"short write of pages at {s0:#x}")
+                            self.pages += (e0 - s0) // PAGE
+                        elif not spans[j][2]:  # zero pages in a kept mapping: drop them
+                            self._zero(r, fd, s0, e0)
+                    j += 1
+        finally:
+            frames.close()
+
+    def _zero(self, r: Injector, fd: int, s0: int, e0: int) -> None:
+        res = r.syscall("madvise", s0, e0 - s0, MADV_DONTNEED)
+        if res == -errno.EINVAL:   # e.g. mlocked: write the zeros instead
+            zero = bytes(min(e0 - s0, 1 << 20))
+            for o in range(s0, e0, len(zero)):
+                os.pwrite(fd, zero[:min(len(zero), e0 - o)], o)
+        elif res < 0:
+            raise RestoreError(f"madvise(DONTNEED) at {s0:#x}: {os.strerror(-res)}")
+
+
+class _FramePrefetch:
+    """Frames of one layer decompressed ahead, in the order they are needed,
+    on every core (zstd releases the GIL), while the caller writes pages."""
+
+    def __init__(self, layer, order: list[int], window: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        self.layer = layer
+        self.order = list(dict.fromkeys(order))
+        self.next = 0
+        self.pending: dict[int, object] = {}
+        self.current: tuple[int, memoryview] | None = None
+        n = os.cpu_count() or 1
+        self.window = window or 2 * n
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="stage-zstd") \
+            if n > 1 and len(self.order) > 1 else None
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.next < len(self.order) and \
+                len(self.pending) < self.window:
+            fno = self.order[self.next]
+            self.next += 1
+            self.pending[fno] = self.pool.submit(self.layer.read_frame, fno)
+
+    def get(self, fno: int) -> memoryview:
+        if self.current is not None and self.current[0] == fno:
+            return self.current[1]
+        if self.pool is None:
+            data = self.layer.read_frame(fno)
+        else:
+            self._fill()
+            fut = self.pending.pop(fno, None)
+            if fut is None:
+                data = self.layer.read_frame(fno)
+            else:
+                data = fut.result()
+            self._fill()
+        self.current = (fno, memoryview(data))
+        return self.current[1]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

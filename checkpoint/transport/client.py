@@ -114,6 +114,8 @@ class RemoteChain:
         self._t = time.monotonic()
         self._sent = 0.0
         self.last_ack: dict = {}
+        self.applied = -1            # the newest layer the destination has applied
+        self.apply_ms: dict[int, float] = {}
 
     def throttle(self, nbytes: int) -> None:
         """Keep the average send rate under ``bandwidth`` (a token bucket)."""
@@ -126,7 +128,30 @@ class RemoteChain:
         if wait > 0:
             time.sleep(wait)
 
+    def _read(self, *want: T) -> tuple[T, dict]:
+        """The next answer of one of ``want``; APPLIED answers on the way are
+        noted (they come whenever the destination is done with a layer)."""
+        while True:
+            mtype, msg = self.conn.recv_json(*want, T.APPLIED)
+            if mtype != T.APPLIED:
+                return mtype, msg
+            i = msg.get("index")
+            if not isinstance(i, int) or i != self.applied + 1:
+                raise TransportError(f"the page server applied layer {i} out of order")
+            self.applied = i
+            self.apply_ms[i] = float(msg.get("apply_ms", 0.0))
+            if not want:
+                return mtype, msg
+
+    def wait_applied(self, index: int) -> None:
+        """Until the destination has applied layer ``index`` (and all before)."""
+        while self.applied < index:
+            self._read()
+
     def open_writer(self, kind: str, tracker: str, level: int, threads: int) -> LayerWriter:
+        # one layer in flight at most: while this one streams, the previous
+        # is being applied; the one before that must be done
+        self.wait_applied(self.index - 2)
         self.conn.send(T.LAYER, {"index": self.index, "kind": kind})
         sink = StreamLayerSink(self)
         return LayerWriter(sink, index=self.index, kind=kind, parent=self.parent,
@@ -138,7 +163,13 @@ class RemoteChain:
         self.parent = ParentRef(st.layer_id, st.header_digest, st.index)
         self.index += 1
         if not final:
-            _, self.last_ack = self.conn.recv_json(T.ACK)
+            _, self.last_ack = self._read(T.ACK)
             if self.last_ack.get("index") != st.index:
                 raise TransportError(f"the page server acknowledged layer "
                                      f"{self.last_ack.get('index')}, not {st.index}")
+
+    def wait_final(self, restoring: bool) -> dict:
+        """The destination's answer to the final layer: RUNNING (it runs the
+        copy) or, when it only stores the chain, ACK."""
+        _, msg = self._read(T.RUNNING if restoring else T.ACK)
+        return msg

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import socket
 import ssl
@@ -226,20 +227,79 @@ class PageServer:
                 path = f"{base}.{n}"
 
     def _receive(self, conn: Conn, m: Migration, stager) -> None:
+        """Two threads: a receiver takes layers off the connection, checks
+        each whole and answers ACK at once (the source goes on with its next
+        round); this thread, the one that traces the staged copy, applies
+        them in order, publishes them and answers APPLIED (RUNNING for the
+        final layer). So a round's transfer overlaps the previous round's
+        apply, and no fsync of a layer is in the source's way."""
+        q: queue.Queue = queue.Queue()
+        rx = threading.Thread(target=self._receiver, args=(conn, m, q), daemon=True,
+                              name="page-server-rx")
+        rx.start()
+        try:
+            self._apply_loop(conn, m, stager, q)
+        finally:
+            if rx.is_alive():
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            rx.join(5)
+            while not q.empty():   # layers checked but never applied: drop them
+                item = q.get_nowait()
+                if item[0] == "layer":
+                    item[1][1].abort()
+                    item[1][2].close()
+
+    def _next(self, q: queue.Queue, conn: Conn):
+        try:
+            return q.get(timeout=self.timeout + 5)
+        except queue.Empty:
+            raise TransportError(f"{conn.peer} sent nothing for {self.timeout:g} s") from None
+
+    def _receiver(self, conn: Conn, m: Migration, q: queue.Queue) -> None:
         parent = None
+        index = 0
+        try:
+            while True:
+                mtype, msg = conn.recv_json(T.LAYER, T.BYE, T.PING)
+                if mtype == T.PING:
+                    conn.send(T.PONG, msg)
+                    continue
+                if mtype == T.BYE:
+                    raise TransportError(f"{conn.peer} ended the migration before its final "
+                                         "layer")
+                if msg.get("index") != index or index >= MAX_LAYERS:
+                    raise TransportError(f"{conn.peer} announced layer {msg.get('index')}, "
+                                         f"expected {index}")
+                t0 = time.perf_counter()
+                sink, layer = self._receive_layer(conn, m.images, index, parent)
+                parent = (layer.layer_id, layer.header_digest)
+                final = layer.kind == F.KIND_DUMP
+                q.put(("layer", (index, sink, layer, t0)))
+                if not final:
+                    conn.send(T.ACK, {"index": index})
+                    index += 1
+                    continue
+                break
+            # after the final layer: the source's DONE (it killed its process)
+            try:
+                conn.recv_json(T.DONE)
+                q.put(("done", None))
+            except TransportError as exc:
+                q.put(("no-done", exc))
+        except BaseException as exc:   # handed to the applying thread
+            q.put(("error", exc))
+
+    def _apply_loop(self, conn: Conn, m: Migration, stager, q: queue.Queue) -> None:
         while True:
-            mtype, msg = conn.recv_json(T.LAYER, T.BYE, T.PING)
-            if mtype == T.PING:
-                conn.send(T.PONG, msg)
-                continue
-            if mtype == T.BYE:
-                raise TransportError(f"{conn.peer} ended the migration before its final layer")
-            index = msg.get("index")
-            if index != m.layers or m.layers >= MAX_LAYERS:
-                raise TransportError(f"{conn.peer} announced layer {index}, expected "
-                                     f"{m.layers}")
-            t0 = time.perf_counter()
-            sink, layer = self._receive_layer(conn, m.images, index, parent)
+            kind, item = self._next(q, conn)
+            if kind == "error":
+                raise item
+            if kind != "layer":
+                raise TransportError(f"{conn.peer}: unexpected {kind}")
+            index, sink, layer, t0 = item
             final = layer.kind == F.KIND_DUMP
             try:
                 apply_ms = 0.0
@@ -251,40 +311,42 @@ class PageServer:
                     else:
                         stager.apply(layer)
                     apply_ms = (time.perf_counter() - ta) * 1e3
-                if final and stager is not None:
-                    # the copy runs: say so first, publish the file after (its
-                    # fsync is no part of the downtime)
-                    conn.send(T.RUNNING, {"pid": stager.pid, "apply_ms": apply_ms})
+                if final:
+                    # the copy runs (or, without --restore, the chain is whole):
+                    # say so first, publish after (no fsync in the downtime)
+                    if stager is not None:
+                        conn.send(T.RUNNING, {"pid": stager.pid, "apply_ms": apply_ms})
+                    else:
+                        conn.send(T.ACK, {"index": index})
                 sink.commit()
+                faults.point("server.published")
             except BaseException:
                 sink.abort()
                 raise
             finally:
                 layer.close()
-            parent = (layer.layer_id, layer.header_digest)
             m.layers += 1
             m.bytes_received = conn.bytes_received
             m.per_layer.append({"index": index, "kind": layer.kind, "pages": layer.pages,
                                 "bytes": layer.size, "ms": (time.perf_counter() - t0) * 1e3,
                                 "apply_ms": apply_ms})
-            log.info("layer %d (%s) published: %d pages, %d bytes", index, layer.kind,
-                     layer.pages, layer.size)
+            log.info("layer %d (%s) applied and published: %d pages, %d bytes", index,
+                     layer.kind, layer.pages, layer.size)
             if not final:
-                conn.send(T.ACK, {"index": index, "apply_ms": apply_ms})
+                conn.send(T.APPLIED, {"index": index, "apply_ms": apply_ms})
                 continue
-            if stager is None:
-                conn.send(T.ACK, {"index": index, "apply_ms": apply_ms})
-            else:
+            if stager is not None:
                 m.restore_ms = stager.restore_ms
                 # the source kills its process once it has RUNNING; DONE says so.
                 # A stream that breaks now leaves the copy running: the source
                 # had RUNNING, or it keeps its own (docs/migrate.md).
-                try:
-                    conn.recv_json(T.DONE)
-                except TransportError as exc:
-                    log.info("no DONE from %s (%s): keeping PID %s", conn.peer, exc,
+                kind, item = self._next(q, conn)
+                if kind != "done":
+                    log.info("no DONE from %s (%s): keeping PID %s", conn.peer, item,
                              stager.pid)
                 stager.release()
+            else:
+                self._next(q, conn)
             try:
                 conn.send(T.BYE, {})
             except TransportError:

@@ -66,6 +66,7 @@ class T(enum.IntEnum):
     ERROR = 13       # either: failure {error, kind}
     PING = 14
     PONG = 15
+    APPLIED = 16     # server: the layer is applied to the staged copy {index, apply_ms}
 
 
 def load_key(path: str) -> bytes:
@@ -125,6 +126,8 @@ class Conn:
         self.sock.settimeout(timeout)
         self._mac_key: bytes | None = None
         self._tx = self._rx = 0
+        import threading
+        self._send_lock = threading.Lock()   # two threads of a page server send
         self.bytes_sent = self.bytes_received = 0
         self.peer = "?"
         try:
@@ -162,14 +165,15 @@ class Conn:
             raise TransportError(f"message of {n} bytes exceeds the {limit}-byte limit")
         head = HEADER.pack(int(mtype), 0, n)
         out = [head, *parts]
-        if self._mac_key is not None:
-            out.append(self._tag(True, self._tx, head, parts))
-        self._tx += 1
         try:
-            if isinstance(self.sock, ssl.SSLSocket):
-                self.sock.sendall(b"".join(out))
-            else:
-                _sendall_parts(self.sock, out)
+            with self._send_lock:
+                if self._mac_key is not None:
+                    out.append(self._tag(True, self._tx, head, parts))
+                self._tx += 1
+                if isinstance(self.sock, ssl.SSLSocket):
+                    self.sock.sendall(b"".join(out))
+                else:
+                    _sendall_parts(self.sock, out)
         except (OSError, ssl.SSLError) as exc:
             reason = self._peer_reason()
             raise TransportError(f"sending to {self.peer}: {_why(exc)}"
