@@ -23,6 +23,7 @@ import bisect
 import hmac as _hmac
 import os
 import re
+import resource
 import threading
 import zlib
 from array import array
@@ -79,6 +80,9 @@ class _Files:
     def __init__(self, images_dir: str, cap: int = MAX_OPEN):
         self.dir = images_dir
         self.dir_fd = fsutil.open_dir(images_dir)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            cap = min(cap, soft // 4)       # leave most of a low limit to everything else
         self.cap = max(1, cap)
         self._lock = threading.Lock()
         self._idle: OrderedDict = OrderedDict()     # layer -> fd
@@ -838,7 +842,17 @@ class Chain:
                 mine.append((s, e))
             covered = _union(covered, mine)
         out.sort()
-        return out
+        merged: list[tuple[int, int, int, int, int]] = []
+        for seg in out:     # neighbours from one source read as one (zero runs split in
+            if merged:      # uint32-sized entries, runs cut by a frame boundary's pagemap)
+                ps_, pe, pli, pfno, poff = merged[-1]
+                s, e, li, fno, off = seg
+                if s == pe and li == pli and fno == pfno and (
+                        fno < 0 or off == poff + (pe - ps_)):
+                    merged[-1] = (ps_, e, li, fno, poff)
+                    continue
+            merged.append(seg)
+        return merged
 
     def iter_runs(self, pid: int, *, zero_data: bool = True, max_run: int = 1 << 20,
                   within=None) -> Iterator[PageRun]:
