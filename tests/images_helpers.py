@@ -20,12 +20,12 @@ def page_content(seed: int) -> bytes:
 
 
 def write_layer(images_dir, layer_pages: dict, *, parent=None, index=0, kind="pre-dump",
-                threads=1, records=True, layer_id=None):
+                threads=1, records=True, layer_id=None, sign_key=None):
     """layer_pages: {(pid, page_no): seed | ZERO}. Runs are emitted per pid in
     address order, so pids interleave in frames. Returns the writer's stats."""
     sink = LocalSink(images_dir, index)
     w = LayerWriter(sink, index=index, kind=kind, parent=parent, threads=threads,
-                    frame_size=FRAME, tracker="full", layer_id=layer_id)
+                    frame_size=FRAME, tracker="full", layer_id=layer_id, sign_key=sign_key)
     with w:
         if records:
             for pid in sorted({p for p, _ in layer_pages}):
@@ -59,12 +59,13 @@ def write_layer(images_dir, layer_pages: dict, *, parent=None, index=0, kind="pr
     return w, stats
 
 
-def write_chain(images_dir, layers: list[dict], threads=1):
+def write_chain(images_dir, layers: list[dict], threads=1, sign_key=None):
     parent = None
     writers = []
     for i, lp in enumerate(layers):
         w, _ = write_layer(images_dir, lp, parent=parent, index=i,
-                           kind="dump" if i == len(layers) - 1 else "pre-dump", threads=threads)
+                           kind="dump" if i == len(layers) - 1 else "pre-dump", threads=threads,
+                           sign_key=sign_key)
         parent = w.parent_ref
         writers.append(w)
     return writers
