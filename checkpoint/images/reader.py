@@ -20,6 +20,7 @@ chain may be longer than RLIMIT_NOFILE.
 from __future__ import annotations
 
 import bisect
+import heapq
 import hmac as _hmac
 import os
 import re
@@ -388,17 +389,31 @@ class Layer:
         self.runs: dict[int, tuple[array, array, array, array]] = {}
         for pid, (starts, ends, fnos, offs, pms) in cols.items():
             n = len(starts)
-            if any(starts[i] < starts[i - 1] for i in range(1, n)):
-                order = sorted(range(n), key=starts.__getitem__)
-                starts = array("Q", (starts[i] for i in order))
-                ends = array("Q", (ends[i] for i in order))
-                fnos = array("q", (fnos[i] for i in order))
-                offs = array("q", (offs[i] for i in order))
-                pms = array("Q", (pms[i] for i in order))
+            breaks = [i for i in range(1, n) if starts[i] < starts[i - 1]]
+            if breaks:
+                # The writer's entries come as a few ascending sequences (data
+                # and zero entries of each pagemap): merge those lazily; only
+                # a file in no order at all pays for a full sort.
+                if len(breaks) < 64:
+                    bounds = [0] + breaks + [n]
+                    order = heapq.merge(*(range(a, b) for a, b in zip(bounds, bounds[1:])),
+                                        key=starts.__getitem__)
+                else:
+                    order = sorted(range(n), key=starts.__getitem__)
+                ns, ne, nf, no, npm = (array("Q"), array("Q"), array("i"), array("i"),
+                                       array("I"))
+                for i in order:
+                    ns.append(starts[i])
+                    ne.append(ends[i])
+                    nf.append(fnos[i])
+                    no.append(offs[i])
+                    npm.append(pms[i])
+                del order
+                starts, ends, fnos, offs, pms = ns, ne, nf, no, npm
             for i in range(1, n):
                 if starts[i] < ends[i - 1]:
                     raise self._err(f"pagemap block: pid {pid}: page {starts[i]:#x} appears "
-                                    f"twice in this layer", pms[i])
+                                    f"twice in this layer", self.pagemap_offsets[pms[i]])
             self.runs[pid] = (starts, ends, fnos, offs)
 
     def _check_inventory(self, inv, pos: int) -> None:
@@ -449,6 +464,7 @@ class Layer:
         fno = pm.frame if has_frame else -1
         off = 0
         pages = zero = 0
+        pm_index = len(self.pagemap_offsets)    # this block's, once appended
         for i, (pid, addr, npages, flags) in enumerate(zip(pm.pid, pm.vaddr, pm.npages,
                                                            pm.flags)):
             if not 0 < pid <= F.MAX_PID:
@@ -464,7 +480,8 @@ class Layer:
                 if len(cols) >= F.MAX_LAYER_PIDS:
                     raise self._err(f"pagemap block: entry {i}: more than {F.MAX_LAYER_PIDS} "
                                     f"pids in one layer", pos)
-                c = cols[pid] = (array("Q"), array("Q"), array("q"), array("q"), array("Q"))
+                # start, end, frame (-1 zero), byte offset in the frame (< 1 MiB), pagemap
+                c = cols[pid] = (array("Q"), array("Q"), array("i"), array("i"), array("I"))
             if flags == F.PE_DATA:
                 if not has_frame:
                     raise self._err(f"pagemap block: entry {i}: data entry in a pagemap "
@@ -484,7 +501,7 @@ class Layer:
                 raise self._err(f"pagemap block: entry {i}: unknown flags {flags}", pos)
             c[0].append(addr)
             c[1].append(end)
-            c[4].append(pos)
+            c[4].append(pm_index)
         if has_frame and off != self.frames[fno].raw:
             raise self._err(f"pagemap block: entries describe {off} bytes but frame {fno} "
                             f"holds {self.frames[fno].raw}", pos)
@@ -812,47 +829,82 @@ class Chain:
             return bytes(self.page_size)
         return self._frame(li, fno)[off:off + self.page_size]
 
-    def resolve(self, pid: int) -> list[tuple[int, int, int, int, int]]:
+    def segments(self, pid: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Address-ordered segments (start, end, layer, frame | -1, byte offset)
-        of ``pid``, each page from the newest layer holding it."""
-        out = []
-        covered: list[tuple[int, int]] = []      # disjoint, sorted
+        of ``pid``, each page from the newest layer holding it; neighbours
+        from one source come as one (a zero run split in uint32-sized
+        entries, a run cut by a frame boundary). Lazy: memory is a few
+        arrays of the covered intervals and of each layer's visible part,
+        about 40 bytes a segment, never a Python object per segment."""
+        parts = []                  # (layer, starts, ends, frames, offsets) visible parts
+        cov_s = cov_e = None        # what newer layers cover, once an older one needs it
+        newest = None
         for li in range(len(self.layers) - 1, -1, -1):
             r = self.layers[li].runs.get(pid)
             if not r:
                 continue
             starts, ends, fnos, offs = r
-            mine = []
+            if newest is None:      # the newest holder: all of it is visible
+                parts.append((li, starts, ends, fnos, offs))
+                newest = (starts, ends)
+                continue
+            if cov_s is None:
+                cov_s, cov_e = _coalesce(*newest)
+            vs, ve, vf, vo = array("Q"), array("Q"), array("i"), array("i")
             j = 0
+            ncov = len(cov_s)
             for s, e, fno, off in zip(starts, ends, fnos, offs):
                 cur = s
-                while j < len(covered) and covered[j][1] <= cur:
+                while j < ncov and cov_e[j] <= cur:
                     j += 1
                 k = j
                 while cur < e:
-                    if k < len(covered) and covered[k][0] < e:
-                        cs, ce = covered[k]
+                    if k < ncov and cov_s[k] < e:
+                        cs = cov_s[k]
                         if cs > cur:
-                            out.append((cur, cs, li, fno, off + (cur - s) if fno >= 0 else 0))
-                        cur = max(cur, ce)
+                            vs.append(cur)
+                            ve.append(cs)
+                            vf.append(fno)
+                            vo.append(off + (cur - s) if fno >= 0 else -1)
+                        cur = max(cur, cov_e[k])
                         k += 1
                     else:
-                        out.append((cur, e, li, fno, off + (cur - s) if fno >= 0 else 0))
+                        vs.append(cur)
+                        ve.append(e)
+                        vf.append(fno)
+                        vo.append(off + (cur - s) if fno >= 0 else -1)
                         cur = e
-                mine.append((s, e))
-            covered = _union(covered, mine)
-        out.sort()
-        merged: list[tuple[int, int, int, int, int]] = []
-        for seg in out:     # neighbours from one source read as one (zero runs split in
-            if merged:      # uint32-sized entries, runs cut by a frame boundary's pagemap)
-                ps_, pe, pli, pfno, poff = merged[-1]
+            if vs:
+                parts.append((li, vs, ve, vf, vo))
+            cov_s, cov_e = _merge_intervals(cov_s, cov_e, starts, ends)
+        del cov_s, cov_e, newest
+
+        def walk(part):
+            li, ss, es, fs, os_ = part
+            for s, e, fno, off in zip(ss, es, fs, os_):
+                yield s, e, li, fno, (off if fno >= 0 else 0)
+
+        if len(parts) == 1:
+            merged = walk(parts[0])
+        else:
+            merged = heapq.merge(*(walk(p) for p in parts), key=_first)
+        prev = None
+        for seg in merged:
+            if prev is not None:
+                ps_, pe, pli, pfno, poff = prev
                 s, e, li, fno, off = seg
                 if s == pe and li == pli and fno == pfno and (
                         fno < 0 or off == poff + (pe - ps_)):
-                    merged[-1] = (ps_, e, li, fno, poff)
+                    prev = (ps_, e, li, fno, poff)
                     continue
-            merged.append(seg)
-        return merged
+                yield prev
+            prev = seg
+        if prev is not None:
+            yield prev
+
+    def resolve(self, pid: int) -> list[tuple[int, int, int, int, int]]:
+        """:meth:`segments` as a list."""
+        return list(self.segments(pid))
 
     def iter_runs(self, pid: int, *, zero_data: bool = True, max_run: int = 1 << 20,
                   within=None) -> Iterator[PageRun]:
@@ -869,12 +921,19 @@ class Chain:
         ps = self.page_size
         if max_run < ps or max_run % ps:
             raise ValueError(f"max_run must be a positive multiple of {ps}")
-        segs = self.resolve(pid)
+        segs = self.segments(pid)
         if within is not None:
             segs = _clip(segs, _spans(within, ps))
+        # one pass to count each frame's uses (kept as arrays), one to yield
+        cs, ce, cl, cf, co = array("Q"), array("Q"), array("i"), array("i"), array("i")
         uses: dict[tuple[int, int], int] = {}
         order = []
         for s, e, li, fno, off in segs:
+            cs.append(s)
+            ce.append(e)
+            cl.append(li)
+            cf.append(fno)
+            co.append(off)
             if fno >= 0:
                 key = (li, fno)
                 if key not in uses:
@@ -893,7 +952,7 @@ class Chain:
             return self.layers[key[0]].read_frame(key[1], self._dctx())
 
         try:
-            for s, e, li, fno, off in segs:
+            for s, e, li, fno, off in zip(cs, ce, cl, cf, co):
                 if fno < 0:
                     if zeros is None:
                         yield PageRun(s, (e - s) // ps, None, True)
@@ -958,16 +1017,42 @@ class Chain:
                 "signed_with": self.key_id}
 
 
-def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged = sorted(a + b)
-    out: list[list[int]] = []
-    for s, e in merged:
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1][1] = e
+def _first(seg):
+    return seg[0]
+
+
+def _coalesce(starts, ends) -> tuple[array, array]:
+    """Sorted, disjoint intervals with touching ones joined."""
+    os_, oe = array("Q"), array("Q")
+    for s, e in zip(starts, ends):
+        if oe and s <= oe[-1]:
+            if e > oe[-1]:
+                oe[-1] = e
         else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+            os_.append(s)
+            oe.append(e)
+    return os_, oe
+
+
+def _merge_intervals(as_, ae, bs, be) -> tuple[array, array]:
+    """Union of two sorted interval lists, coalesced (linear)."""
+    os_, oe = array("Q"), array("Q")
+    i = j = 0
+    na, nb = len(as_), len(bs)
+    while i < na or j < nb:
+        if j >= nb or (i < na and as_[i] <= bs[j]):
+            s, e = as_[i], ae[i]
+            i += 1
+        else:
+            s, e = bs[j], be[j]
+            j += 1
+        if oe and s <= oe[-1]:
+            if e > oe[-1]:
+                oe[-1] = e
+        else:
+            os_.append(s)
+            oe.append(e)
+    return os_, oe
 
 
 def _spans(within, ps: int) -> list[tuple[int, int]]:
@@ -977,13 +1062,14 @@ def _spans(within, ps: int) -> list[tuple[int, int]]:
             raise ValueError(f"range {s:#x}-{e:#x} is not {ps}-aligned")
         if e > s:
             spans.append((s, e))
-    return _union(spans, [])
+    spans.sort()
+    ms, me = _coalesce([s for s, _ in spans], [e for _, e in spans])
+    return list(zip(ms, me))
 
 
 def _clip(segs, spans):
     """The parts of ``segs`` (sorted, disjoint) inside ``spans`` (sorted,
-    disjoint): two pointers, linear in both."""
-    out = []
+    disjoint): two pointers, linear in both, lazy."""
     j = 0
     ns = len(spans)
     for s, e, li, fno, off in segs:
@@ -992,9 +1078,8 @@ def _clip(segs, spans):
         k = j
         while k < ns and spans[k][0] < e:
             a, b = max(s, spans[k][0]), min(e, spans[k][1])
-            out.append((a, b, li, fno, off + (a - s) if fno >= 0 else 0))
+            yield a, b, li, fno, off + (a - s) if fno >= 0 else 0
             k += 1
-    return out
 
 
 def _check_mac_all(layers: list[Layer], key: bytes, threads: int) -> None:

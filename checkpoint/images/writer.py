@@ -540,6 +540,7 @@ class LayerWriter:
         self._frames: list[int] = []
         self._pagemaps: list[int] = []
         self._records: list[int] = []
+        self._n_entries = 0
         self._pages = self._pages_zero = self._bytes_stored = 0
         self._next_addr: dict[int, int] = {}
         self._buf = bytearray(frame_size)
@@ -846,6 +847,11 @@ class LayerWriter:
         """The PAGEMAP block (with the pending zero entries) at the current
         position, as (header, payload); the position advances past it."""
         zeros, self._zeros = self._zeros, []
+        self._n_entries += len(entries) + len(zeros)
+        if self._n_entries > F.MAX_LAYER_ENTRIES:
+            raise ImageError(f"the layer would hold more than {F.MAX_LAYER_ENTRIES} page map "
+                             f"entries (the bound readers apply): memory too fragmented for "
+                             f"one layer")
         pm = F.PagemapBlock()
         if frame_no is not None:
             pm.frame = frame_no
