@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from checkpoint.cli import main as cli_main
 from checkpoint.errors import ImageError
 from checkpoint.images import LayerWriter, LocalSink, open_chain
 from checkpoint.images import format as F
@@ -115,7 +116,7 @@ def _odd_entries(good, tmp_path):
     return cases
 
 
-def test_odd_entries_refused_by_verify_and_show(good, tmp_path):
+def test_odd_entries_refused_by_verify_and_show(good, tmp_path, capsys):
     """FIFOs, directories, dangling symlinks, symlinks to other files, device
     nodes, other users' files...: one line, exit 5, no hang, no traceback,
     and never a byte of the file a symlink or hard link points to."""
@@ -124,10 +125,11 @@ def test_odd_entries_refused_by_verify_and_show(good, tmp_path):
             res = cli(*verb)
             err = assert_refused(res, *words)
             assert "TOP-SECRET" not in err + res.stdout, tag
-        res = cli("verify", "-D", d, "--json")
-        assert res.returncode == 5, tag
-        rep = json.loads(res.stdout)
+        # --json in-process (the subprocess runs above showed nothing hangs)
+        assert cli_main(["verify", "-D", str(d), "--json"]) == 5, tag
+        rep = json.loads(capsys.readouterr().out)
         assert rep["ok"] is False and rep["error"] and "TOP-SECRET" not in rep["error"]
+        assert rep["path"].endswith(".img")
         with pytest.raises(ImageError):
             open_chain(d).close()
 
@@ -533,3 +535,75 @@ def test_layer_replaced_after_open_is_refused(good, tmp_path):
             for pid in c.pids():
                 for _ in c.iter_runs(pid):
                     pass
+
+
+def test_show_and_verify_never_traceback_on_garbage_records(good, tmp_path, capsys):
+    """Records of random bytes (CRCs fixed, so they reach the decoders) under
+    every kind show prints: exit 0 or 5, one error line at most, and no
+    control character from the image reaches the terminal."""
+    import random
+
+    from checkpoint import cli as cli_mod
+    from checkpoint.images.pb import files_pb2, mm_pb2, pstree_pb2
+    rnd = random.Random(5)
+    kinds = ["pstree", "mm", "files", "core", "signals", "stats", "process", "tracker", "junk"]
+    seen = set()
+    for i in range(60):
+        d = copy(good, tmp_path, f"g{i}")
+        path = d / "layer-0002.img"
+        blocks = read_blocks(path)
+        esc = "\x1b[2J\x1b]0;owned\x07"             # clear screen, set the title
+        evil = {"pstree": pstree_pb2.PstreeEntry(pid=1, comm=esc),
+                "mm": mm_pb2.MmEntry(pid=1, vmas=[mm_pb2.VmaEntry(start=0, end=4096,
+                                                                 path=esc)]),
+                "files": files_pb2.FilesEntry(pid=1, fds=[files_pb2.FdEntry(fd=3, path=esc)])}
+        for b in blocks:
+            if b[0] == F.BT_RECORD:
+                rec = F.Record.FromString(b[2])
+                rec.kind = rnd.choice(kinds)
+                if i % 3 or rec.kind not in evil:
+                    rec.payload = rnd.randbytes(rnd.randint(0, 80))
+                else:
+                    rec.payload = evil[rec.kind].SerializeToString()
+                    seen.add(("evil", rec.kind))
+                b[2] = rec.SerializeToString()
+        write_blocks(path, blocks)
+        for argv in (["show", "-D", str(d)], ["show", "-D", str(d), "--json"],
+                     ["verify", "-D", str(d), "--threads", "1"]):
+            rc = cli_mod.main(argv)
+            out, err = capsys.readouterr()
+            assert rc in (0, 5), (argv, rc, err)
+            assert "\x1b" not in err + out     # JSON escapes it as \\u001b
+            if rc:
+                assert err.count("\n") == 1 and err.startswith("checkpoint: error: ")
+            seen.add((argv[0], rc))
+    assert ("show", 5) in seen and ("verify", 5) in seen and ("show", 0) in seen
+    assert {("evil", k) for k in ("pstree", "mm", "files")} <= seen
+
+
+def test_a_million_pagemap_entries_stay_cheap(tmp_path):
+    """A layer our own writer makes for a sparse pattern (every other page a
+    zero page: 10^6 entries, an 8 MB file): reading it keeps a fresh
+    interpreter's RSS under 200 MiB (the reader keeps columns in arrays,
+    never an object per entry)."""
+    d = tmp_path / "img"
+    w = LayerWriter(LocalSink(d, 0), frame_size=64 << 10)
+    for i in range(1_000_000):
+        w.add_zero(1, 0x100000000 + 2 * i * PS, 1)
+    w.add_pages(1, 0x7F0000000000, page_content(1))
+    w.close()
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from checkpoint.images import open_chain
+        with open_chain({str(d)!r}) as c:
+            n = sum(1 for r in c.iter_runs(1, zero_data=False))
+            m = sum(1 for r in c.iter_runs(1, within=[(0x100000000, 0x100000000 + (1 << 30))]))
+        print(n, m, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    n, m, rss = res.stdout.split()
+    assert int(n) == 1_000_001 and int(m) == (1 << 30) // PS // 2
+    assert float(rss) < RSS_LIMIT_MIB, rss
