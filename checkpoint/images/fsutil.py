@@ -17,7 +17,6 @@ between its creation and its writer's lock.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -263,7 +262,3 @@ def remove_dead_temps(dir_fd: int, display: str) -> list[str]:
     finally:
         unlock(dir_fd)
     return removed
-
-
-def is_eloop(exc: OSError) -> bool:
-    return exc.errno == errno.ELOOP
