@@ -20,12 +20,12 @@ def page_content(seed: int) -> bytes:
 
 
 def write_layer(images_dir, layer_pages: dict, *, parent=None, index=0, kind="pre-dump",
-                threads=1, records=True, layer_id=None):
+                threads=1, records=True, layer_id=None, sign_key=None):
     """layer_pages: {(pid, page_no): seed | ZERO}. Runs are emitted per pid in
     address order, so pids interleave in frames. Returns the writer's stats."""
     sink = LocalSink(images_dir, index)
     w = LayerWriter(sink, index=index, kind=kind, parent=parent, threads=threads,
-                    frame_size=FRAME, tracker="full", layer_id=layer_id)
+                    frame_size=FRAME, tracker="full", layer_id=layer_id, sign_key=sign_key)
     with w:
         if records:
             for pid in sorted({p for p, _ in layer_pages}):
@@ -59,12 +59,13 @@ def write_layer(images_dir, layer_pages: dict, *, parent=None, index=0, kind="pr
     return w, stats
 
 
-def write_chain(images_dir, layers: list[dict], threads=1):
+def write_chain(images_dir, layers: list[dict], threads=1, sign_key=None):
     parent = None
     writers = []
     for i, lp in enumerate(layers):
         w, _ = write_layer(images_dir, lp, parent=parent, index=i,
-                           kind="dump" if i == len(layers) - 1 else "pre-dump", threads=threads)
+                           kind="dump" if i == len(layers) - 1 else "pre-dump", threads=threads,
+                           sign_key=sign_key)
         parent = w.parent_ref
         writers.append(w)
     return writers
@@ -94,3 +95,77 @@ def chain_pages(images_dir, **kw) -> dict:
 
 def as_content(model: dict) -> dict:
     return {k: (bytes(PS) if v == ZERO else page_content(v)) for k, v in model.items()}
+
+
+# ------------------------------------------------- raw block-level editing
+
+def read_blocks(path) -> list[list]:
+    """[btype, aux, payload] of every block of the layer file ``path``
+    (structure only: no checksum is checked)."""
+    from checkpoint.images import format as F
+
+    data = open(path, "rb").read()
+    out = []
+    pos = F.PREAMBLE_SIZE
+    while pos < len(data):
+        btype, length, aux, _, _ = F.BLOCK.unpack_from(data, pos)
+        start = pos + F.BLOCK_HEADER_SIZE
+        out.append([btype, aux, data[start:start + length]])
+        pos = start + length
+    return out
+
+
+def write_blocks(path, blocks, *, fix_trailer: bool = True) -> None:
+    """Write ``blocks`` ([btype, aux, payload]) as a layer file with every
+    CRC right, the way an attacker who edits a layer would: header CRCs
+    seeded with the layer id, payload CRCs, and (``fix_trailer``) the
+    trailer's offsets, counts, page counts, stored bytes and header digest
+    recomputed.
+    A signed layer's MAC is left as it was."""
+    import os
+    import zlib
+
+    from checkpoint.images import format as F
+
+    inv = F.Inventory.FromString(blocks[0][2])
+    seed = F.layer_seed(inv.layer_id)
+    out = bytearray(F.PREAMBLE.pack(F.MAGIC, F.FORMAT_VERSION, 0))
+    frames, pagemaps, records = [], [], []
+    stored = 0
+    for i, (btype, aux, payload) in enumerate(blocks):
+        pos = len(out)
+        if btype == F.BT_TRAILER and fix_trailer:
+            tr = F.Trailer.FromString(payload)
+            mac = tr.mac
+            tr.mac = b""
+            del tr.frame_offsets[:], tr.pagemap_offsets[:], tr.record_offsets[:]
+            tr.frame_offsets.extend(frames)
+            tr.pagemap_offsets.extend(pagemaps)
+            tr.record_offsets.extend(records)
+            tr.frames, tr.pagemaps, tr.records = len(frames), len(pagemaps), len(records)
+            tr.stats.bytes_stored = stored
+            tr.stats.pages_written = tr.pages_zero = 0
+            for bt, _, pl in blocks:
+                if bt == F.BT_PAGEMAP:
+                    pm = F.PagemapBlock.FromString(pl)
+                    for n, fl in zip(pm.npages, pm.flags):
+                        if fl == F.PE_DATA:
+                            tr.stats.pages_written += n
+                        else:
+                            tr.pages_zero += n
+            tr.header_digest = F.digest(blocks[0][2])
+            payload = tr.SerializeToString()
+            if mac:
+                payload += bytes([(12 << 3) | 2, len(mac)]) + mac
+        {F.BT_FRAME: frames, F.BT_PAGEMAP: pagemaps, F.BT_RECORD: records}.get(
+            btype, []).append(pos)
+        if btype == F.BT_FRAME:
+            stored += len(payload)
+        out += F.pack_block_header(btype, len(payload), aux, zlib.crc32(payload), pos,
+                                   0 if i == 0 else seed)
+        out += payload
+    tmp = f"{path}.edit"
+    with open(tmp, "wb") as f:
+        f.write(out)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

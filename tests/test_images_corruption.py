@@ -239,3 +239,93 @@ def test_garbage_file_and_empty_dir(tmp_path):
         open_chain(tmp_path / "nope")
     (d / "layer-0000.img").write_bytes(b"hello world, this is not a layer")
     assert_image_error(d, match="not a checkpoint layer")
+
+
+# ------------------------------------------- every byte of a small chain
+
+KEY = bytes(range(100, 132))
+
+
+def _tiny_chain(d, sign_key=None):
+    """Three layers of a few hundred bytes each: compressible pages, zero
+    pages, records, two pids."""
+    from checkpoint.images.pb import pstree_pb2
+    from checkpoint.images.writer import LayerWriter, LocalSink
+    parent = None
+    for i in range(3):
+        w = LayerWriter(LocalSink(d, i), index=i, parent=parent, frame_size=64 << 10,
+                        kind="dump" if i == 2 else "pre-dump", sign_key=sign_key)
+        w.add_record("pstree", pstree_pb2.PstreeEntry(pid=1, ppid=1, comm=f"c{i}"))
+        w.add_pages(1, 0x1000 * (i + 1), bytes([i + 1]) * 4096 * 2)
+        w.add_zero(1, 0x100000 + i * 0x1000, 2)
+        w.add_pages(2, 0x5000, bytes([0x40 + i]) * 4096)
+        parent = w.close().parent_ref
+
+
+def _read_all(d, key=None) -> dict:
+    out = {}
+    with open_chain(d, verify_frames=True, sign_key=key) as chain:
+        for pid in chain.pids():
+            for run in chain.iter_runs(pid):
+                out[(pid, run.addr)] = bytes(run.data)
+        chain.records()
+    return out
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_byte_flipped_and_every_truncation_of_a_small_chain(tmp_path, signed):
+    """Every byte of every layer inverted, one at a time, and every layer cut
+    at every length: open_chain(verify_frames=True) refuses each one with an
+    ImageError naming the damaged file (with a key too)."""
+    d = tmp_path / "img"
+    key = KEY if signed else None
+    _tiny_chain(d, key)
+    good = _read_all(d, key)
+    total = 0
+    for victim in sorted(os.listdir(d)):
+        path = d / victim
+        data = path.read_bytes()
+        assert len(data) < 2048, len(data)
+        for pos in range(len(data)):
+            bad = bytearray(data)
+            bad[pos] ^= 0xFF
+            path.write_bytes(bad)
+            with pytest.raises(ImageError) as ei:
+                _read_all(d, key)
+            msg = str(ei.value)
+            assert "\n" not in msg and victim in msg, (pos, msg)
+            total += 1
+        for cut in range(len(data)):
+            path.write_bytes(data[:cut])
+            with pytest.raises(ImageError) as ei:
+                _read_all(d, key)
+            assert victim in str(ei.value), (cut, str(ei.value))
+        path.write_bytes(data)
+    assert total > 1000
+    assert _read_all(d, key) == good
+
+
+def test_layers_deleted_swapped_replaced_via_the_cli(good, tmp_path):
+    """verify in a subprocess with a timeout: one line, exit 5, no hang."""
+    cases = {}
+    d = copy(good, tmp_path)
+    (d / "layer-0001.img").unlink()
+    cases["deleted"] = (d, "missing")
+    d = tmp_path / "swapped"
+    shutil.copytree(good, d)
+    os.rename(d / "layer-0001.img", d / "x")
+    os.rename(d / "layer-0002.img", d / "layer-0001.img")
+    os.rename(d / "x", d / "layer-0002.img")
+    cases["swapped"] = (d, "file name says layer")
+    d = tmp_path / "replaced"
+    other = tmp_path / "other"
+    write_chain(other, LAYERS)
+    shutil.copytree(good, d)
+    shutil.copy(other / "layer-0001.img", d / "layer-0001.img")
+    cases["replaced"] = (d, "another chain")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for tag, (d, words) in cases.items():
+        res = subprocess.run([sys.executable, "-m", "checkpoint", "verify", "-D", str(d)],
+                             capture_output=True, text=True, timeout=30, env=env)
+        assert res.returncode == ImageError.exit_code, (tag, res.stderr)
+        assert res.stderr.count("\n") == 1 and words in res.stderr, (tag, res.stderr)

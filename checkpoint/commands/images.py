@@ -1,10 +1,15 @@
-"""Image verbs: show, verify, squash (a thin layer over checkpoint.images)."""
+"""Image verbs: show, verify, squash (a thin layer over checkpoint.images).
+
+Images are untrusted input: whatever is in the directory, these verbs print
+one line and exit 5 (ImageError) on a bad chain, never a traceback, and the
+text they print escapes control characters taken from the image.
+"""
 
 from __future__ import annotations
 
 import os
 
-from ..errors import ImageError
+from ..errors import CheckpointError, ImageError, UsageError
 
 
 def register(subparsers) -> None:
@@ -16,6 +21,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("verify", help="check every checksum and link of a chain")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--sign-key", metavar="FILE", default=None,
+                   help="key file: every layer must be signed with it and its MAC verify")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -25,14 +32,36 @@ def register(subparsers) -> None:
                    help="squash the first N layers into one (default: all)")
     p.add_argument("--level", type=int, default=None, help="zstd level (default: the layers')")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sign-key", metavar="FILE", default=None,
+                   help="key file: check the merged layers' MACs and sign the result")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_squash)
+
+
+def _safe(text) -> str:
+    """``text`` from an image, with control characters escaped (no terminal
+    escape sequence from an image reaches the terminal)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _os_error(exc: OSError, where: str) -> ImageError:
+    return ImageError(exc.strerror or str(exc), path=exc.filename or where)
+
+
+def _key(args) -> bytes | None:
+    if args.sign_key is None:
+        return None
+    from ..images.signing import load_sign_key
+    return load_sign_key(args.sign_key)
 
 
 def describe(images_dir: str) -> dict:
     """Everything `show` prints, as a JSON-ready dict."""
     from ..images import open_chain
-    from ..images.reader import leftover_temps
+    from ..images.reader import temp_report
 
     with open_chain(images_dir) as chain:
         layers = []
@@ -45,6 +74,7 @@ def describe(images_dir: str) -> dict:
                 "kernel_release": inv.kernel_release, "created_unix_ns": inv.created_unix_ns,
                 "file": os.path.basename(layer.path), "file_bytes": layer.size,
                 "squashed_from": inv.squashed_first if inv.squashed else None,
+                "signed_with": layer.key_id,
                 "frames": tr.frames, "records": tr.records,
                 "pages_written": s.pages_written, "pages_zero": s.pages_zero,
                 "pages_scanned": s.pages_scanned, "pages_skipped_parent": s.pages_skipped_parent,
@@ -68,11 +98,13 @@ def describe(images_dir: str) -> dict:
             procs.setdefault(pid, {"pid": pid, "threads": [], "vmas": []})
         for proc in procs.values():
             proc.setdefault("fds", [])
+        temps = temp_report(images_dir)
         return {"dir": images_dir, "layers": layers,
                 "processes": [procs[p] for p in sorted(procs)],
                 "threads": sum(1 for _ in chain.records("core")),
                 "stale": [os.path.basename(p) for p in chain.stale],
-                "leftovers": [os.path.basename(p) for p in leftover_temps(images_dir)]}
+                "leftovers": [n for n, _ in temps],
+                "temps": [{"file": n, "state": st} for n, st in temps]}
 
 
 def _fd_info(f) -> dict:
@@ -88,19 +120,38 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def _temp_notes(temps) -> list[str]:
+    out = []
+    for t in temps:
+        name, state = _safe(t["file"]), t["state"]
+        if state == "live":
+            out.append(f"  note: {name} is a layer being written by a running writer")
+        elif state == "dead":
+            out.append(f"  note: {name} is a partial layer left by an interrupted writer "
+                       f"(no process holds it; the next writer removes it); ignored")
+        else:
+            out.append(f"  note: {name} looks like a writer's temp file but {_safe(state[5:])}; "
+                       f"ignored")
+    return out
+
+
 def cmd_show(args) -> int:
-    info = describe(args.images_dir)
+    try:
+        info = describe(args.images_dir)
+    except OSError as exc:
+        raise _os_error(exc, args.images_dir) from None
     if args.json:
         from ..cli import emit_json
         emit_json(info)
         return 0
-    print(f"{info['dir']}: {len(info['layers'])} layer(s)")
+    print(f"{_safe(info['dir'])}: {len(info['layers'])} layer(s)")
     for L in info["layers"]:
         parent = "-" if L["parent"] is None else L["parent"]
         sq = f" squashed from {L['squashed_from']}" if L["squashed_from"] is not None else ""
+        sig = f" signed with key {L['signed_with']}" if L["signed_with"] else ""
         ratio = L["bytes_raw"] / L["bytes_stored"] if L["bytes_stored"] else 0.0
-        print(f"  layer {L['index']:4d} parent {parent:>4} {L['kind']:8s} tracker {L['tracker']}"
-              f"{sq}  id {L['id'][:12]}")
+        print(f"  layer {L['index']:4d} parent {parent:>4} {_safe(L['kind']):8s} tracker "
+              f"{_safe(L['tracker'])}{sq}{sig}  id {L['id'][:12]}")
         print(f"      pages {L['pages_written']} written, {L['pages_zero']} zero, "
               f"{L['pages_skipped_parent']} in parent; {_mib(L['bytes_raw'])} raw -> "
               f"{_mib(L['bytes_stored'])} stored (x{ratio:.2f}), file {_mib(L['file_bytes'])}")
@@ -110,35 +161,61 @@ def cmd_show(args) -> int:
         print(f"  process {p['pid']} ppid {p.get('ppid', '?')} threads {p['threads']} "
               f"vmas {len(p['vmas'])}")
     for v in (p for p in info["processes"] for p in p["vmas"]):
-        print(f"      {v['start']:#x}-{v['end']:#x} prot {v['prot']} {v['path']}")
+        print(f"      {v['start']:#x}-{v['end']:#x} prot {v['prot']} {_safe(v['path'])}")
     for p in info["processes"]:
         if p["fds"]:
             print(f"  process {p['pid']} fds {len(p['fds'])}")
         for f in p["fds"]:
-            print(f"      fd {f['fd']:4d} {f['type']:8s} pos {f['pos']:<10d} "
-                  f"flags {f['flags']:#o} {f['path']}")
+            print(f"      fd {f['fd']:4d} {_safe(f['type']):8s} pos {f['pos']:<10d} "
+                  f"flags {f['flags']:#o} {_safe(f['path'])}")
     for name in info["stale"]:
-        print(f"  note: {name} was superseded by a squash and is ignored")
-    for name in info["leftovers"]:
-        print(f"  note: {name} is a partial layer left by an interrupted writer; ignored")
+        print(f"  note: {_safe(name)} was superseded by a squash and is ignored")
+    for line in _temp_notes(info["temps"]):
+        print(line)
     return 0
 
 
 def cmd_verify(args) -> int:
     from ..images import open_chain
-    from ..images.reader import leftover_temps
+    from ..images.reader import temp_report
 
-    with open_chain(args.images_dir, threads=args.threads) as chain:
-        rep = chain.verify()
-    rep["leftovers"] = [os.path.basename(p) for p in leftover_temps(args.images_dir)]
+    d = args.images_dir
+    try:
+        key = _key(args)
+        with open_chain(d, threads=max(1, args.threads), sign_key=key) as chain:
+            rep = chain.verify()
+            unchecked = sorted({layer.key_id for layer in chain.layers if layer.key_id}) \
+                if key is None else []
+        temps = temp_report(d)
+    except OSError as exc:
+        err: CheckpointError = _os_error(exc, d)
+    except CheckpointError as exc:
+        err = exc
+    else:
+        err = None
+    if err is not None:
+        if args.json:
+            from ..cli import emit_json
+            emit_json({"ok": False, "error": str(err), "exit_code": err.exit_code,
+                       "path": getattr(err, "path", None), "offset": getattr(err, "offset", None)})
+            import sys
+            print(f"checkpoint: error: {err}", file=sys.stderr)
+            return err.exit_code
+        raise err
+    rep["temps"] = [{"file": n, "state": st} for n, st in temps]
+    rep["leftovers"] = [n for n, _ in temps]
+    rep["signed_unchecked"] = unchecked
     if args.json:
         from ..cli import emit_json
         emit_json({"ok": True, **rep})
-    else:
-        print(f"{args.images_dir}: ok: {rep['layers']} layer(s), {rep['frames']} frame(s), "
-              f"{_mib(rep['bytes_raw'])} of pages verified")
-        for name in rep["leftovers"]:
-            print(f"  note: {name} is a partial layer left by an interrupted writer; ignored")
+        return 0
+    sig = f", MACs verified with key {rep['signed_with']}" if rep["signed_with"] else ""
+    print(f"{_safe(d)}: ok: {rep['layers']} layer(s), {rep['frames']} frame(s), "
+          f"{_mib(rep['bytes_raw'])} of pages verified{sig}")
+    for kid in unchecked:
+        print(f"  note: layers are signed with key {kid}; MACs not checked (no --sign-key)")
+    for line in _temp_notes(rep["temps"]):
+        print(line)
     return 0
 
 
@@ -147,14 +224,28 @@ def cmd_squash(args) -> int:
 
     if args.into is not None and args.into < 1:
         raise ImageError("--into needs a layer count of at least 1", path=args.images_dir)
-    st = squash(args.images_dir, args.into, level=args.level, threads=args.threads)
+    key = _key(args)
+    try:
+        st = squash(args.images_dir, args.into, level=args.level, threads=max(1, args.threads),
+                    sign_key=key)
+    except OSError as exc:
+        raise _os_error(exc, args.images_dir) from None
+    except ValueError as exc:   # e.g. a zstd level out of range
+        raise UsageError(str(exc)) from None
     if args.json:
         from ..cli import emit_json
         emit_json({"squashed": st is not None, "index": st.index if st else None,
-                   "pages": st.pages if st else 0, "bytes_stored": st.bytes_stored if st else 0})
+                   "pages": st.pages if st else 0, "bytes_stored": st.bytes_stored if st else 0,
+                   "signed_with": st and key and _kid(key)})
     elif st is None:
-        print(f"{args.images_dir}: nothing to squash")
+        print(f"{_safe(args.images_dir)}: nothing to squash")
     else:
-        print(f"{args.images_dir}: squashed into {os.path.basename(st.path)}: {st.pages} pages, "
-              f"{_mib(st.bytes_stored)} stored")
+        sig = f", signed with key {_kid(key)}" if key else ""
+        print(f"{_safe(args.images_dir)}: squashed into {os.path.basename(st.path)}: "
+              f"{st.pages} pages, {_mib(st.bytes_stored)} stored{sig}")
     return 0
+
+
+def _kid(key: bytes) -> str:
+    from ..images.signing import key_id
+    return key_id(key)

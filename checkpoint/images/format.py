@@ -46,15 +46,37 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_FRAME_SIZE = 1 << 20
 MIN_FRAME_SIZE = 64 << 10
 MAX_FRAME_SIZE = 1 << 20
-MAX_METADATA_BLOCK = 256 << 20    # a sanity bound for non-frame payloads
-MAX_FRAME_RAW = 64 << 20          # a reader never allocates more for one frame
+# Bounds a reader applies to what a layer says before it allocates anything.
+MAX_METADATA_BLOCK = 256 << 20    # a RECORD (tracker state, file contents) or optional block
+MAX_HEADER_BLOCK = 64 << 10       # the Inventory
+MAX_PAGEMAP_BLOCK = 4 << 20       # one PagemapBlock payload
+MAX_PAGEMAP_ENTRIES = 1 << 17     # entries of one PagemapBlock (the writer: < 65536 + 256)
+MAX_LAYER_ENTRIES = 1 << 22       # pagemap entries of one layer (~60 bytes each in memory)
+MAX_LAYER_PIDS = 1024             # distinct pids with pages in one layer
+MAX_FRAME_RAW = MAX_FRAME_SIZE    # raw bytes of one frame (and at most the layer's frame_size)
+MAX_PID = 1 << 22                 # PID_MAX_LIMIT
+# x86_64 TASK_SIZE (47-bit user space): no user page lies at or above it.
+USER_ADDR_LIMIT = 0x7FFFFFFFF000
+MAX_ENTRY_PAGES = 0xFFFFFFFF      # npages is a uint32
+
+
+def compress_bound(raw: int) -> int:
+    """Largest zstd frame for ``raw`` input bytes (ZSTD_COMPRESSBOUND)."""
+    return raw + (raw >> 8) + (((128 << 10) - raw) >> 11 if raw < (128 << 10) else 0)
+
+
+def trailer_bound(blocks: int) -> int:
+    """Largest Trailer payload for a layer of ``blocks`` indexed blocks:
+    each offset is a varint of at most 10 bytes (+1 for packing slack), the
+    rest is a few dozen scalar fields and the MAC."""
+    return 4096 + 11 * blocks
 
 KIND_PREDUMP = "pre-dump"
 KIND_DUMP = "dump"
 KINDS = (KIND_PREDUMP, KIND_DUMP)
 
 LAYER_NAME = "layer-{:04d}.img"
-LAYER_RE = r"^layer-(\d{4,})\.img$"
+LAYER_RE = r"^layer-(\d{4,10})\.img$"
 TEMP_PREFIX = ".layer-"
 
 # Metadata record kinds and the message each one holds.

@@ -1,21 +1,36 @@
 """The chain reader: a source of pages that follows the parent links.
 
-``open_chain(DIR)`` finds the layers, checks every link (ids, header
-digests), every block header checksum and every metadata block checksum
-before returning. A frame's checksum is checked when the frame is read,
-before any byte of it is handed out; ``verify_frames=True`` (or
-:meth:`Chain.verify`) checks them all up front.
+Layers are untrusted input. ``open_chain(DIR)`` opens each layer file
+relative to the directory's fd without following links or blocking, accepts
+only regular files owned by the caller or root, bounds every length and
+count before allocating, and checks every link (ids, header digests, MACs
+when signed), every block header checksum and every metadata block checksum
+before returning. A frame's checksum and zstd header are checked when the
+frame is read, before any byte of it is handed out; ``verify_frames=True``
+(or :meth:`Chain.verify`) checks them all up front. With ``sign_key`` every
+layer must be signed with that key and its MAC, which covers every byte,
+is checked before anything is returned.
+
+Files are not kept open: a layer is closed after its scan and reopened
+(through a small LRU of fds) when a frame is read, after checking it is
+still the same file (device, inode, size, mtime) that was scanned, so a
+chain may be longer than RLIMIT_NOFILE.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import hmac as _hmac
 import os
 import re
+import resource
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -24,6 +39,14 @@ from google.protobuf.message import DecodeError
 
 from ..errors import ImageError
 from . import format as F
+from . import fsutil
+from . import signing as S
+
+_LAYER_RE = re.compile(F.LAYER_RE)
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_HEX_KEY_ID = re.compile(r"[0-9a-f]{16}")
+MAX_OPEN = 16           # layer fds a chain keeps open at most (besides transient ones)
+_CHUNK = 1 << 20
 
 
 class PageRun(NamedTuple):
@@ -45,16 +68,126 @@ class Frame:
     crc: int
 
 
-class Layer:
-    """One scanned, validated layer file (kept open until the chain closes)."""
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # no frame of ours needs a window above the largest frame
+    return zstandard.ZstdDecompressor(max_window_size=F.MAX_FRAME_RAW)
 
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+class _Files:
+    """The images directory's fd and an LRU of open layer fds, shared by the
+    layers of one chain and safe to use from several threads. An fd in use
+    is never closed under its user: eviction only closes idle ones."""
+
+    def __init__(self, images_dir: str, cap: int = MAX_OPEN):
+        self.dir = images_dir
+        self.dir_fd = fsutil.open_dir(images_dir)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            cap = min(cap, soft // 4)       # leave most of a low limit to everything else
+        self.cap = max(1, cap)
+        self._lock = threading.Lock()
+        self._idle: OrderedDict = OrderedDict()     # layer -> fd
+        self._busy: dict = {}                       # layer -> [fd, users]
+        self._dead: set = set()                     # forgotten while busy
+
+    def display(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def open_new(self, name: str) -> tuple[int, os.stat_result]:
+        if self.dir_fd < 0:
+            raise ImageError("chain is closed", path=self.display(name))
+        return fsutil.open_entry(self.dir_fd, name, self.display(name))
+
+    def adopt(self, layer, fd: int) -> None:
+        """Keep ``fd`` (of a freshly scanned layer) as an idle entry."""
+        with self._lock:
+            self._idle[layer] = fd
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._idle and len(self._idle) + len(self._busy) > self.cap:
+            _, fd = self._idle.popitem(last=False)
+            os.close(fd)
+
+    @contextmanager
+    def use(self, layer):
+        fd = None
+        with self._lock:
+            ent = self._busy.get(layer)
+            if ent is not None:
+                ent[1] += 1
+                fd = ent[0]
+            else:
+                fd = self._idle.pop(layer, None)
+                if fd is not None:
+                    self._busy[layer] = [fd, 1]
+        if fd is None:
+            new = layer._reopen()
+            with self._lock:
+                ent = self._busy.get(layer)
+                if ent is not None:         # another thread reopened it meanwhile
+                    ent[1] += 1
+                    fd = ent[0]
+                    os.close(new)
+                else:
+                    fd = new
+                    self._busy[layer] = [fd, 1]
         try:
-            self._scan()
+            yield fd
+        finally:
+            with self._lock:
+                ent = self._busy[layer]
+                ent[1] -= 1
+                if ent[1] == 0:
+                    del self._busy[layer]
+                    if layer in self._dead or self.dir_fd < 0:
+                        self._dead.discard(layer)
+                        os.close(fd)
+                    else:
+                        self._idle[layer] = fd
+                        self._evict()
+
+    def forget(self, layer) -> None:
+        with self._lock:
+            fd = self._idle.pop(layer, None)
+            if fd is not None:
+                os.close(fd)
+            elif layer in self._busy:
+                self._dead.add(layer)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._idle.values():
+                os.close(fd)
+            self._idle.clear()
+            self._dead.update(self._busy)
+            if self.dir_fd >= 0:
+                os.close(self.dir_fd)
+                self.dir_fd = -1
+
+
+class Layer:
+    """One scanned, validated layer file. Its fd is handed to the chain's fd
+    cache after the scan; frame reads reopen it when needed."""
+
+    def __init__(self, path: str, files: _Files | None = None):
+        self.path = path
+        self.name = os.path.basename(path)
+        self._own_files = files is None
+        self._files = files if files is not None else _Files(os.path.dirname(path) or ".", cap=1)
+        try:
+            fd, st = self._files.open_new(self.name)
+            try:
+                self.size = st.st_size
+                self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self._scan(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._files.adopt(self, fd)
         except BaseException:
-            os.close(self.fd)
+            if self._own_files:
+                self._files.close()
             raise
 
     # header shortcuts
@@ -74,16 +207,42 @@ class Layer:
     def stats(self):
         return self.trailer.stats
 
+    @property
+    def signed(self) -> bool:
+        return bool(self.inventory.mac_alg)
+
+    @property
+    def key_id(self) -> str | None:
+        return self.inventory.mac_key_id if self.signed else None
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._files.forget(self)
+        if self._own_files:
+            self._files.close()
 
     def _err(self, msg: str, offset: int | None) -> ImageError:
         return ImageError(msg, path=self.path, offset=offset)
 
-    def _pread(self, n: int, offset: int) -> bytes:
-        data = os.pread(self.fd, n, offset)
+    def _reopen(self) -> int:
+        fd, st = self._files.open_new(self.name)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.ident:
+            os.close(fd)
+            raise self._err("changed since the chain was opened (replaced or rewritten); "
+                            "refusing to read it", None)
+        return fd
+
+    def _pread_fd(self, fd: int, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` (fewer at the end of the file)."""
+        try:
+            return os.pread(fd, n, offset)
+        except OSError as exc:
+            raise self._err(f"read error: {exc.strerror}", offset) from None
+
+    def _pread(self, fd: int, n: int, offset: int) -> bytes:
+        try:
+            data = os.pread(fd, n, offset)
+        except OSError as exc:
+            raise self._err(f"read error: {exc.strerror}", offset) from None
         if len(data) != n:
             raise self._err(f"truncated: needs {n} bytes here, file ends at offset "
                             f"{offset + len(data)}", offset)
@@ -92,19 +251,21 @@ class Layer:
     def _parse(self, cls, payload: bytes, what: str, offset: int):
         try:
             return cls.FromString(payload)
-        except DecodeError as exc:
-            raise self._err(f"undecodable {what} block ({exc})", offset) from None
+        except (DecodeError, ValueError, RuntimeError):
+            # the parser's message is not shown: it may quote the bytes
+            raise self._err(f"undecodable {what} block (not a valid "
+                            f"{cls.DESCRIPTOR.name} message)", offset) from None
 
-    def _scan(self) -> None:
-        size = os.fstat(self.fd).st_size
-        self.size = size
-        pre = os.pread(self.fd, F.PREAMBLE_SIZE, 0)
+    # ------------------------------------------------------------------ scan
+    def _scan(self, fd: int) -> None:
+        size = self.size
+        pre = self._pread_fd(fd, F.PREAMBLE_SIZE, 0)
         if len(pre) < F.PREAMBLE_SIZE:
             raise self._err(f"truncated: {len(pre)} bytes, not even the {F.PREAMBLE_SIZE}-byte "
                             f"preamble (a layer left half-written?)", 0)
         magic, version, flags = F.PREAMBLE.unpack(pre)
         if magic != F.MAGIC:
-            raise self._err(f"not a checkpoint layer (magic {magic!r}, expected {F.MAGIC!r})", 0)
+            raise self._err("not a checkpoint layer (bad magic)", 0)
         if version != F.FORMAT_VERSION:
             raise self._err(f"unsupported layer format version {version} "
                             f"(this engine reads {F.FORMAT_VERSION})", 8)
@@ -112,21 +273,26 @@ class Layer:
             raise self._err(f"unknown preamble flags {flags:#x}", 12)
         self.frames: list[Frame] = []
         self._crc_ok: set[int] = set()  # frames whose checksum was already checked
-        self.records: list[tuple[str, bytes]] = []
+        self._records: list[tuple[str, int, int]] = []   # kind, block offset, length
         self.record_offsets: list[int] = []
         self.pagemap_offsets: list[int] = []
         self.trailer = None
         self.inventory = None
-        runs: dict[int, list[tuple]] = {}
+        self.mac = b""
+        self._mac_tail = b""            # trailer payload bytes the MAC covers
+        self.trailer_offset = -1
+        # per pid: starts, ends, frame (-1 zero), byte offset, pagemap offset
+        cols: dict[int, tuple[array, array, array, array, array]] = {}
         described = -1           # last frame a pagemap described
         pages = zero = 0
+        entries = 0
         seed = 0
         pos = F.PREAMBLE_SIZE
         while True:
             if pos >= size:
                 raise self._err("truncated: file ends before the trailer block (a layer left "
                                 "half-written?)", pos)
-            head = os.pread(self.fd, F.BLOCK_HEADER_SIZE, pos)
+            head = self._pread_fd(fd, F.BLOCK_HEADER_SIZE, pos)
             if len(head) < F.BLOCK_HEADER_SIZE:
                 raise self._err(f"truncated: block header needs {F.BLOCK_HEADER_SIZE} bytes, "
                                 f"file ends at offset {size}", pos)
@@ -144,16 +310,40 @@ class Layer:
                                 f"{'the header' if self.inventory is None else 'no header'} "
                                 f"block belongs", pos)
             if btype == F.BT_FRAME:
-                if aux == 0 or aux > F.MAX_FRAME_RAW or aux % self.inventory.page_size:
-                    raise self._err(f"frame of implausible raw size {aux}", pos)
+                fs = self.inventory.frame_size
+                if aux == 0 or aux > fs or aux % self.inventory.page_size:
+                    raise self._err(f"frame {len(self.frames)}: raw size (aux) {aux} is not a "
+                                    f"multiple of the page size in 1..{fs} (the layer's "
+                                    f"frame_size)", pos)
+                if length == 0 or length > F.compress_bound(aux) + 64:
+                    raise self._err(f"frame {len(self.frames)}: {length} compressed bytes "
+                                    f"cannot hold {aux} raw bytes", pos)
                 if described != len(self.frames) - 1:
                     raise self._err("frame follows a frame without a pagemap", pos)
                 self.frames.append(Frame(pos, length, aux, pcrc))
                 pos = end
                 continue
-            if length > F.MAX_METADATA_BLOCK:
-                raise self._err(f"{name} block of implausible size {length}", pos)
-            payload = self._pread(length, pos + F.BLOCK_HEADER_SIZE)
+            limit = {F.BT_HEADER: F.MAX_HEADER_BLOCK, F.BT_PAGEMAP: F.MAX_PAGEMAP_BLOCK,
+                     F.BT_TRAILER: F.trailer_bound(len(self.frames) + len(self.pagemap_offsets)
+                                                   + len(self.record_offsets))
+                     }.get(btype, F.MAX_METADATA_BLOCK)
+            if length > limit:
+                raise self._err(f"{name} block: length {length} exceeds the {limit}-byte "
+                                f"bound", pos)
+            if btype != F.BT_HEADER and btype != F.BT_RECORD and btype != F.BT_PAGEMAP \
+                    and btype != F.BT_TRAILER:
+                if btype not in F.OPTIONAL_TYPES:
+                    raise self._err(f"unknown block type {btype}", pos)
+                # an optional block we do not know: checksummed, never held whole
+                crc = 0
+                for off in range(0, length, _CHUNK):
+                    crc = zlib.crc32(self._pread(fd, min(_CHUNK, length - off),
+                                                 pos + F.BLOCK_HEADER_SIZE + off), crc)
+                if crc != pcrc:
+                    raise self._err(f"checksum mismatch in {name} block", pos)
+                pos = end
+                continue
+            payload = self._pread(fd, length, pos + F.BLOCK_HEADER_SIZE)
             if zlib.crc32(payload) != pcrc:
                 raise self._err(f"checksum mismatch in {name} block", pos)
             if btype == F.BT_HEADER:
@@ -164,94 +354,167 @@ class Layer:
                 seed = F.layer_seed(inv.layer_id)
             elif btype == F.BT_RECORD:
                 rec = self._parse(F.Record, payload, name, pos)
-                self.records.append((rec.kind, rec.payload))
+                self._records.append((rec.kind, pos, length))
                 self.record_offsets.append(pos)
             elif btype == F.BT_PAGEMAP:
                 pm = self._parse(F.PagemapBlock, payload, name, pos)
-                p, z = self._add_pagemap(pm, runs, pos)
+                del payload
+                p, z, n = self._add_pagemap(pm, cols, pos)
+                entries += n
+                if entries > F.MAX_LAYER_ENTRIES:
+                    raise self._err(f"pagemap block: the layer has more than "
+                                    f"{F.MAX_LAYER_ENTRIES} pagemap entries", pos)
                 pages += p
                 zero += z
                 if pm.HasField("frame"):
                     described = pm.frame
                 self.pagemap_offsets.append(pos)
-            elif btype == F.BT_TRAILER:
+            else:   # trailer
                 tr = self._parse(F.Trailer, payload, name, pos)
                 if end != size:
                     raise self._err(f"{size - end} unexpected bytes after the trailer", end)
                 if described != len(self.frames) - 1:
                     raise self._err("the last frame has no pagemap", pos)
                 self._check_trailer(tr, pages, zero, pos)
+                self._check_trailer_mac(tr, payload, pos)
                 self.trailer = tr
+                self.trailer_offset = pos
                 break
-            elif btype not in F.OPTIONAL_TYPES:
-                raise self._err(f"unknown block type {btype}", pos)
             pos = end
         self.pages, self.pages_zero = pages, zero
-        # Per pid: sorted starts for bisect and (end, frame, byte offset | -1 for zero).
-        self.runs: dict[int, tuple[list[int], list[tuple[int, int, int]]]] = {}
-        ps = self.inventory.page_size
-        for pid, lst in runs.items():
-            lst.sort()
-            prev_end = -1
-            for start, end_, _, _, off in lst:
-                if start < prev_end:
-                    raise self._err(f"pid {pid}: page {start:#x} appears twice in this layer",
-                                    off)
-                prev_end = end_
-            self.runs[pid] = ([r[0] for r in lst], [(r[1], r[2], r[3]) for r in lst])
-        del ps
+        self._index_runs(cols)
+
+    def _index_runs(self, cols) -> None:
+        """Per pid: address-sorted, non-overlapping columns for bisect."""
+        self.runs: dict[int, tuple[array, array, array, array]] = {}
+        for pid, (starts, ends, fnos, offs, pms) in cols.items():
+            n = len(starts)
+            breaks = [i for i in range(1, n) if starts[i] < starts[i - 1]]
+            if breaks:
+                # The writer's entries come as a few ascending sequences (data
+                # and zero entries of each pagemap): merge those lazily; only
+                # a file in no order at all pays for a full sort.
+                if len(breaks) < 64:
+                    bounds = [0] + breaks + [n]
+                    order = heapq.merge(*(range(a, b) for a, b in zip(bounds, bounds[1:])),
+                                        key=starts.__getitem__)
+                else:
+                    order = sorted(range(n), key=starts.__getitem__)
+                ns, ne, nf, no, npm = (array("Q"), array("Q"), array("i"), array("i"),
+                                       array("I"))
+                for i in order:
+                    ns.append(starts[i])
+                    ne.append(ends[i])
+                    nf.append(fnos[i])
+                    no.append(offs[i])
+                    npm.append(pms[i])
+                del order
+                starts, ends, fnos, offs, pms = ns, ne, nf, no, npm
+            for i in range(1, n):
+                if starts[i] < ends[i - 1]:
+                    raise self._err(f"pagemap block: pid {pid}: page {starts[i]:#x} appears "
+                                    f"twice in this layer", self.pagemap_offsets[pms[i]])
+            self.runs[pid] = (starts, ends, fnos, offs)
 
     def _check_inventory(self, inv, pos: int) -> None:
-        if len(inv.layer_id) != 32 or not re.fullmatch(r"[0-9a-f]{32}", inv.layer_id):
-            raise self._err(f"bad layer id {inv.layer_id!r}", pos)
+        if not _HEX_ID.fullmatch(inv.layer_id):
+            raise self._err("header block: layer_id is not 32 lower-case hex digits", pos)
         if inv.kind not in F.KINDS:
-            raise self._err(f"bad layer kind {inv.kind!r}", pos)
+            raise self._err(f"header block: kind is not one of {', '.join(F.KINDS)}", pos)
         if inv.page_size not in (4096, 16384, 65536):
-            raise self._err(f"bad page size {inv.page_size}", pos)
+            raise self._err(f"header block: page_size {inv.page_size} is not 4096, 16384 "
+                            f"or 65536", pos)
+        if not (F.MIN_FRAME_SIZE <= inv.frame_size <= F.MAX_FRAME_SIZE
+                and inv.frame_size % inv.page_size == 0):
+            raise self._err(f"header block: frame_size {inv.frame_size} is not a multiple of "
+                            f"the page size in [{F.MIN_FRAME_SIZE}, {F.MAX_FRAME_SIZE}]", pos)
         if inv.compression != "zstd":
-            raise self._err(f"unknown compression {inv.compression!r}", pos)
+            raise self._err("header block: compression is not zstd", pos)
+        if inv.parent_id and not _HEX_ID.fullmatch(inv.parent_id):
+            raise self._err("header block: parent_id is not 32 lower-case hex digits", pos)
+        if inv.mac_alg:
+            if inv.mac_alg != S.MAC_ALG:
+                raise self._err(f"header block: mac_alg is not {S.MAC_ALG} (signed by a "
+                                f"newer engine?)", pos)
+            if not _HEX_KEY_ID.fullmatch(inv.mac_key_id):
+                raise self._err("header block: mac_key_id is not 16 lower-case hex digits", pos)
+            if inv.parent_id and len(inv.parent_mac) != S.MAC_LEN:
+                raise self._err(f"header block: a signed layer with a parent needs a "
+                                f"{S.MAC_LEN}-byte parent_mac", pos)
+        elif inv.mac_key_id:
+            raise self._err("header block: mac_key_id set on an unsigned layer", pos)
+        for field in ("parent_mac", "replaces_mac"):
+            v = getattr(inv, field)
+            if v and len(v) != S.MAC_LEN:
+                raise self._err(f"header block: {field} is not {S.MAC_LEN} bytes", pos)
 
-    def _add_pagemap(self, pm, runs, pos: int) -> tuple[int, int]:
+    def _add_pagemap(self, pm, cols, pos: int) -> tuple[int, int, int]:
         n = len(pm.pid)
         if not (len(pm.vaddr) == len(pm.npages) == len(pm.flags) == n):
-            raise self._err("pagemap columns of different lengths", pos)
+            raise self._err("pagemap block: columns pid/vaddr/npages/flags of different "
+                            "lengths", pos)
+        if n > F.MAX_PAGEMAP_ENTRIES:
+            raise self._err(f"pagemap block: {n} entries (at most {F.MAX_PAGEMAP_ENTRIES})", pos)
         has_frame = pm.HasField("frame")
         if has_frame and pm.frame != len(self.frames) - 1:
-            raise self._err(f"pagemap names frame {pm.frame}, but it follows frame "
+            raise self._err(f"pagemap block: frame {pm.frame}, but it follows frame "
                             f"{len(self.frames) - 1}", pos)
         ps = self.inventory.page_size
+        limit = F.USER_ADDR_LIMIT
         fno = pm.frame if has_frame else -1
         off = 0
         pages = zero = 0
-        for pid, addr, npages, flags in zip(pm.pid, pm.vaddr, pm.npages, pm.flags):
-            if addr % ps or npages == 0 or addr + npages * ps > 1 << 64:
-                raise self._err(f"bad pagemap entry: pid {pid} addr {addr:#x} npages {npages}",
-                                pos)
+        pm_index = len(self.pagemap_offsets)    # this block's, once appended
+        for i, (pid, addr, npages, flags) in enumerate(zip(pm.pid, pm.vaddr, pm.npages,
+                                                           pm.flags)):
+            if not 0 < pid <= F.MAX_PID:
+                raise self._err(f"pagemap block: entry {i}: pid {pid} out of range "
+                                f"1..{F.MAX_PID}", pos)
+            if addr % ps or npages == 0 or addr >= limit or npages > (limit - addr) // ps:
+                raise self._err(f"pagemap block: entry {i} (pid {pid}): vaddr {addr:#x}, "
+                                f"npages {npages}: not {ps}-aligned pages inside the user "
+                                f"address space (below {limit:#x})", pos)
             end = addr + npages * ps
+            c = cols.get(pid)
+            if c is None:
+                if len(cols) >= F.MAX_LAYER_PIDS:
+                    raise self._err(f"pagemap block: entry {i}: more than {F.MAX_LAYER_PIDS} "
+                                    f"pids in one layer", pos)
+                # start, end, frame (-1 zero), byte offset in the frame (< 1 MiB), pagemap
+                c = cols[pid] = (array("Q"), array("Q"), array("i"), array("i"), array("I"))
             if flags == F.PE_DATA:
                 if not has_frame:
-                    raise self._err("data entry in a pagemap without a frame", pos)
-                runs.setdefault(pid, []).append((addr, end, fno, off, pos))
+                    raise self._err(f"pagemap block: entry {i}: data entry in a pagemap "
+                                    f"without a frame", pos)
+                c[2].append(fno)
+                c[3].append(off)
                 off += npages * ps
                 pages += npages
+                if off > self.frames[fno].raw:
+                    raise self._err(f"pagemap block: entries describe more than the "
+                                    f"{self.frames[fno].raw} bytes of frame {fno}", pos)
             elif flags == F.PE_ZERO:
-                runs.setdefault(pid, []).append((addr, end, -1, -1, pos))
+                c[2].append(-1)
+                c[3].append(-1)
                 zero += npages
             else:
-                raise self._err(f"unknown pagemap flags {flags}", pos)
+                raise self._err(f"pagemap block: entry {i}: unknown flags {flags}", pos)
+            c[0].append(addr)
+            c[1].append(end)
+            c[4].append(pm_index)
         if has_frame and off != self.frames[fno].raw:
-            raise self._err(f"pagemap describes {off} bytes but frame {fno} holds "
-                            f"{self.frames[fno].raw}", pos)
-        return pages, zero
+            raise self._err(f"pagemap block: entries describe {off} bytes but frame {fno} "
+                            f"holds {self.frames[fno].raw}", pos)
+        return pages, zero, n
 
     def _check_trailer(self, tr, pages: int, zero: int, pos: int) -> None:
         def bad(what):
-            return self._err(f"trailer disagrees with the blocks: {what}", pos)
+            return self._err(f"trailer block: disagrees with the blocks: {what}", pos)
         if list(tr.frame_offsets) != [f.offset for f in self.frames] or tr.frames != len(self.frames):
             raise bad("frame index")
         if list(tr.pagemap_offsets) != self.pagemap_offsets or tr.pagemaps != len(self.pagemap_offsets):
             raise bad("pagemap index")
-        if list(tr.record_offsets) != self.record_offsets or tr.records != len(self.records):
+        if list(tr.record_offsets) != self.record_offsets or tr.records != len(self._records):
             raise bad("record index")
         if tr.header_digest != self.header_digest:
             raise bad("header digest")
@@ -260,6 +523,55 @@ class Layer:
         if tr.stats.bytes_stored != sum(f.stored for f in self.frames):
             raise bad("stored bytes")
 
+    def _check_trailer_mac(self, tr, payload: bytes, pos: int) -> None:
+        if not self.inventory.mac_alg:
+            if tr.mac:
+                raise self._err("trailer block: a MAC in an unsigned layer", pos)
+            return
+        tail = payload[-S.MAC_SUFFIX_LEN:]
+        if (len(payload) < S.MAC_SUFFIX_LEN or tail[:len(S.MAC_FIELD_PREFIX)] != S.MAC_FIELD_PREFIX
+                or tr.mac != tail[len(S.MAC_FIELD_PREFIX):]):
+            raise self._err("trailer block: the layer is signed but its trailer does not end "
+                            "with its MAC", pos)
+        self.mac = bytes(tr.mac)
+        self._mac_tail = payload[:-S.MAC_SUFFIX_LEN]
+
+    # ----------------------------------------------------------- signature
+    def check_mac(self, key: bytes, kid: str | None = None) -> int:
+        """Check this layer's MAC with ``key``: one sequential read of every
+        byte, which also checks every frame's CRC. Returns bytes read."""
+        kid = kid or S.key_id(key)
+        if not self.signed:
+            raise self._err("not signed, and a signing key was given: every layer must be "
+                            "signed with it", F.PREAMBLE_SIZE)
+        if self.key_id != kid:
+            raise self._err(f"signed with key {self.key_id}, not with the key given "
+                            f"({kid})", F.PREAMBLE_SIZE)
+        h = S.new_mac(key)
+        pos = 0
+        with self._files.use(self) as fd:
+            for fno, fr in enumerate(self.frames):
+                while pos < fr.offset:
+                    n = min(_CHUNK, fr.offset - pos)
+                    h.update(self._pread(fd, n, pos))
+                    pos += n
+                block = self._pread(fd, F.BLOCK_HEADER_SIZE + fr.stored, fr.offset)
+                h.update(block)
+                if fno not in self._crc_ok:
+                    if zlib.crc32(memoryview(block)[F.BLOCK_HEADER_SIZE:]) != fr.crc:
+                        raise self._err(f"frame {fno}: checksum mismatch", fr.offset)
+                pos = fr.offset + len(block)
+            while pos < self.trailer_offset:
+                n = min(_CHUNK, self.trailer_offset - pos)
+                h.update(self._pread(fd, n, pos))
+                pos += n
+        h.update(self._mac_tail)
+        if not _hmac.compare_digest(h.digest(), self.mac):
+            raise self._err("MAC mismatch: the layer was modified after it was signed, or "
+                            "was not signed with this key", self.trailer_offset)
+        self._crc_ok.update(range(len(self.frames)))
+        return pos
+
     # ----------------------------------------------------------- page access
     def lookup(self, pid: int, addr: int) -> tuple[int, int] | None:
         """(frame, byte offset) of the page at ``addr``; frame -1 = zero page;
@@ -267,55 +579,89 @@ class Layer:
         r = self.runs.get(pid)
         if r is None:
             return None
-        starts, rest = r
+        starts, ends, fnos, offs = r
         i = bisect.bisect_right(starts, addr) - 1
-        if i < 0:
+        if i < 0 or addr >= ends[i]:
             return None
-        end, fno, off = rest[i]
-        if addr >= end:
-            return None
-        if fno < 0:
+        if fnos[i] < 0:
             return -1, 0
-        return fno, off + (addr - starts[i])
+        return fnos[i], offs[i] + (addr - starts[i])
 
-    def read_frame(self, fno: int, dctx=None) -> bytes:
-        """Read, check and decompress frame ``fno``."""
+    def _frame_payload(self, fno: int) -> bytes:
         fr = self.frames[fno]
-        payload = os.pread(self.fd, fr.stored, fr.offset + F.BLOCK_HEADER_SIZE)
+        with self._files.use(self) as fd:
+            try:
+                payload = os.pread(fd, fr.stored, fr.offset + F.BLOCK_HEADER_SIZE)
+            except OSError as exc:
+                raise self._err(f"frame {fno}: read error: {exc.strerror}", fr.offset) from None
         if len(payload) != fr.stored:
-            raise self._err(f"truncated inside frame {fno} (file changed since it was opened?)",
+            raise self._err(f"frame {fno}: truncated (file changed since it was opened?)",
                             fr.offset)
         if fno not in self._crc_ok:
             if zlib.crc32(payload) != fr.crc:
-                raise self._err(f"checksum mismatch in frame {fno}", fr.offset)
+                raise self._err(f"frame {fno}: checksum mismatch", fr.offset)
             self._crc_ok.add(fno)
-        dctx = dctx or zstandard.ZstdDecompressor()
+        return payload
+
+    def read_frame(self, fno: int, dctx=None) -> bytes:
+        """Read, check and decompress frame ``fno``. The zstd frame header's
+        declared content size must equal the block's raw size before
+        anything is decompressed (zstandard allocates what a frame declares)."""
+        fr = self.frames[fno]
+        payload = self._frame_payload(fno)
+        try:
+            params = zstandard.get_frame_parameters(payload)
+        except zstandard.ZstdError:
+            raise self._err(f"frame {fno}: no valid zstd frame header", fr.offset) from None
+        if params.content_size != fr.raw:
+            declared = ("no content size" if params.content_size >= 1 << 63
+                        else f"content size {params.content_size}")
+            raise self._err(f"frame {fno}: the zstd frame declares {declared}, the block's "
+                            f"raw size (aux) is {fr.raw}", fr.offset)
+        if params.dict_id:
+            raise self._err(f"frame {fno}: the zstd frame needs a dictionary", fr.offset)
+        dctx = dctx or _decompressor()
         try:
             data = dctx.decompress(payload, max_output_size=fr.raw)
         except zstandard.ZstdError as exc:
-            raise self._err(f"frame {fno} does not decompress ({exc})", fr.offset) from None
+            raise self._err(f"frame {fno}: does not decompress ({exc})", fr.offset) from None
         if len(data) != fr.raw:
-            raise self._err(f"frame {fno} decompresses to {len(data)} bytes, expected {fr.raw}",
+            raise self._err(f"frame {fno}: decompresses to {len(data)} bytes, expected {fr.raw}",
                             fr.offset)
         return data
 
     def check_frame_crcs(self) -> int:
         """Checksum every frame without decompressing; returns bytes read."""
         n = 0
-        for fno, fr in enumerate(self.frames):
-            if fno in self._crc_ok:
-                continue
-            payload = os.pread(self.fd, fr.stored, fr.offset + F.BLOCK_HEADER_SIZE)
-            if len(payload) != fr.stored:
-                raise self._err(f"truncated inside frame {fno}", fr.offset)
-            if zlib.crc32(payload) != fr.crc:
-                raise self._err(f"checksum mismatch in frame {fno}", fr.offset)
-            self._crc_ok.add(fno)
-            n += len(payload)
+        for fno in range(len(self.frames)):
+            if fno not in self._crc_ok:
+                n += len(self._frame_payload(fno))
         return n
+
+    # -------------------------------------------------------------- records
+    @property
+    def records(self) -> list[tuple[str, bytes]]:
+        """(kind, payload) of every RECORD block, read again from the file
+        (they are not kept in memory between uses)."""
+        out = []
+        with self._files.use(self) as fd:
+            for kind, pos, length in self._records:
+                payload = self._pread(fd, length, pos + F.BLOCK_HEADER_SIZE)
+                head = self._pread(fd, F.BLOCK_HEADER_SIZE, pos)
+                if zlib.crc32(payload) != F.BLOCK.unpack(head)[3]:
+                    raise self._err("record block: checksum mismatch (file changed since it "
+                                    "was opened?)", pos)
+                rec = self._parse(F.Record, payload, "record", pos)
+                out.append((rec.kind, rec.payload))
+        return out
+
+    def record_kinds(self) -> list[str]:
+        return [k for k, _, _ in self._records]
 
     def decoded_records(self, kind: str | None = None) -> list[tuple[str, object]]:
         out = []
+        if kind is not None and kind not in self.record_kinds():
+            return out
         for (k, payload), off in zip(self.records, self.record_offsets):
             if kind is not None and k != kind:
                 continue
@@ -326,47 +672,95 @@ class Layer:
 
 # --------------------------------------------------------------------- chain
 
+def _list(images_dir: str, dir_fd: int) -> list[str]:
+    return fsutil.list_names(dir_fd, images_dir)
+
+
 def list_layers(images_dir: str) -> dict[int, str]:
-    """{index: path} of the published layer files in ``images_dir``."""
+    """{index: path} of the entries named like published layers
+    (``layer-NNNN.img``, canonical names only) in ``images_dir``. Whether
+    they are acceptable files is checked when they are opened."""
+    images_dir = os.fspath(images_dir)
+    fd = fsutil.open_dir(images_dir)
     try:
-        names = os.listdir(images_dir)
-    except FileNotFoundError:
-        raise ImageError("images directory does not exist", path=images_dir) from None
-    except NotADirectoryError:
-        raise ImageError("not a directory", path=images_dir) from None
+        names = _list(images_dir, fd)
+    finally:
+        os.close(fd)
     out = {}
     for name in names:
-        m = re.match(F.LAYER_RE, name)
-        if m:
+        m = _LAYER_RE.match(name)
+        if m and F.layer_name(int(m.group(1))) == name:
             out[int(m.group(1))] = os.path.join(images_dir, name)
     return out
 
 
+def _is_temp_name(n: str) -> bool:
+    return n.startswith(F.TEMP_PREFIX) and ".tmp-" in n
+
+
 def leftover_temps(images_dir: str) -> list[str]:
-    """Partial layers left by a crashed writer (never part of a chain)."""
-    return sorted(os.path.join(images_dir, n) for n in os.listdir(images_dir)
-                  if n.startswith(F.TEMP_PREFIX) and ".tmp-" in n)
+    """Temp files of writers (never part of a chain), live or dead."""
+    images_dir = os.fspath(images_dir)
+    fd = fsutil.open_dir(images_dir)
+    try:
+        names = _list(images_dir, fd)
+    finally:
+        os.close(fd)
+    return sorted(os.path.join(images_dir, n) for n in names if _is_temp_name(n))
+
+
+def temp_report(images_dir: str) -> list[tuple[str, str]]:
+    """(name, state) of every writer temp file: state is 'live' (a writer
+    holds it), 'dead' (its writer is gone: the next writer removes it) or
+    'odd: WHY'. Looks under the directory's exclusive lock when it can get
+    it, so a writer between creating and locking its file is not seen."""
+    images_dir = os.fspath(images_dir)
+    fd = fsutil.open_dir(images_dir)
+    try:
+        names = [n for n in _list(images_dir, fd) if _is_temp_name(n)]
+        if not names:
+            return []
+        locked = False
+        try:
+            fsutil.lock_dir_exclusive(fd, images_dir)
+            locked = True
+        except ImageError:
+            pass
+        try:
+            return [(n, fsutil.temp_state(fd, n) if fsutil.TEMP_RE.match(n)
+                     else "odd: not a temp name of this engine") for n in sorted(names)]
+        finally:
+            if locked:
+                fsutil.unlock(fd)
+    finally:
+        os.close(fd)
 
 
 def _links_to(child: Layer, parent: Layer) -> bool:
-    pid, pdig = child.inventory.parent_id, child.inventory.parent_digest
+    pid, pdig, pmac = (child.inventory.parent_id, child.inventory.parent_digest,
+                       child.inventory.parent_mac)
     inv = parent.inventory
-    return ((pid == inv.layer_id and pdig == parent.header_digest)
-            or (inv.squashed and pid == inv.replaces_id and pdig == inv.replaces_digest))
+    return ((pid == inv.layer_id and pdig == parent.header_digest
+             and (not pmac or pmac == parent.mac))
+            or (inv.squashed and pid == inv.replaces_id and pdig == inv.replaces_digest
+                and (not pmac or pmac == inv.replaces_mac)))
 
 
 class Chain:
     """Layers base first; answers page queries from the newest holder."""
 
     def __init__(self, images_dir: str, layers: list[Layer], stale: list[str],
-                 threads: int = 1, cache_frames: int = 8):
+                 threads: int = 1, cache_frames: int = 8, files: _Files | None = None,
+                 key_id: str | None = None):
         self.dir = images_dir
         self.layers = layers
         self.stale = stale          # layer files superseded by a squash, not yet removed
         self.threads = max(1, threads)
+        self.key_id = key_id        # the key every layer's MAC was checked with, or None
         self._cache: OrderedDict = OrderedDict()
         self._cache_frames = cache_frames
         self._local = threading.local()
+        self._files = files
         self.page_size = layers[0].inventory.page_size
 
     @property
@@ -380,6 +774,8 @@ class Chain:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
+        if self._files is not None:
+            self._files.close()
         self._cache.clear()
 
     def __enter__(self):
@@ -399,7 +795,7 @@ class Chain:
     def _dctx(self):
         d = getattr(self._local, "dctx", None)
         if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
+            d = self._local.dctx = _decompressor()
         return d
 
     def _frame(self, li: int, fno: int) -> bytes:
@@ -433,48 +829,111 @@ class Chain:
             return bytes(self.page_size)
         return self._frame(li, fno)[off:off + self.page_size]
 
-    def resolve(self, pid: int) -> list[tuple[int, int, int, int, int]]:
+    def segments(self, pid: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Address-ordered segments (start, end, layer, frame | -1, byte offset)
-        of ``pid``, each page from the newest layer holding it."""
-        out = []
-        covered: list[tuple[int, int]] = []      # disjoint, sorted
+        of ``pid``, each page from the newest layer holding it; neighbours
+        from one source come as one (a zero run split in uint32-sized
+        entries, a run cut by a frame boundary). Lazy: memory is a few
+        arrays of the covered intervals and of each layer's visible part,
+        about 40 bytes a segment, never a Python object per segment."""
+        parts = []                  # (layer, starts, ends, frames, offsets) visible parts
+        cov_s = cov_e = None        # what newer layers cover, once an older one needs it
+        newest = None
         for li in range(len(self.layers) - 1, -1, -1):
             r = self.layers[li].runs.get(pid)
             if not r:
                 continue
-            starts, rest = r
-            mine = []
+            starts, ends, fnos, offs = r
+            if newest is None:      # the newest holder: all of it is visible
+                parts.append((li, starts, ends, fnos, offs))
+                newest = (starts, ends)
+                continue
+            if cov_s is None:
+                cov_s, cov_e = _coalesce(*newest)
+            vs, ve, vf, vo = array("Q"), array("Q"), array("i"), array("i")
             j = 0
-            for s, (e, fno, off) in zip(starts, rest):
+            ncov = len(cov_s)
+            for s, e, fno, off in zip(starts, ends, fnos, offs):
                 cur = s
-                while j < len(covered) and covered[j][1] <= cur:
+                while j < ncov and cov_e[j] <= cur:
                     j += 1
                 k = j
                 while cur < e:
-                    if k < len(covered) and covered[k][0] < e:
-                        cs, ce = covered[k]
+                    if k < ncov and cov_s[k] < e:
+                        cs = cov_s[k]
                         if cs > cur:
-                            out.append((cur, cs, li, fno, off + (cur - s) if fno >= 0 else 0))
-                        cur = max(cur, ce)
+                            vs.append(cur)
+                            ve.append(cs)
+                            vf.append(fno)
+                            vo.append(off + (cur - s) if fno >= 0 else -1)
+                        cur = max(cur, cov_e[k])
                         k += 1
                     else:
-                        out.append((cur, e, li, fno, off + (cur - s) if fno >= 0 else 0))
+                        vs.append(cur)
+                        ve.append(e)
+                        vf.append(fno)
+                        vo.append(off + (cur - s) if fno >= 0 else -1)
                         cur = e
-                mine.append((s, e))
-            covered = _union(covered, mine)
-        out.sort()
-        return out
+            if vs:
+                parts.append((li, vs, ve, vf, vo))
+            cov_s, cov_e = _merge_intervals(cov_s, cov_e, starts, ends)
+        del cov_s, cov_e, newest
 
-    def iter_runs(self, pid: int, *, zero_data: bool = True,
-                  max_run: int = 1 << 20) -> Iterator[PageRun]:
-        """All pages of ``pid`` in address order, as runs of at most
-        ``max_run`` bytes. Each frame is read and decompressed once (ahead,
-        on ``threads`` workers) and dropped after its last run is yielded."""
-        segs = self.resolve(pid)
+        def walk(part):
+            li, ss, es, fs, os_ = part
+            for s, e, fno, off in zip(ss, es, fs, os_):
+                yield s, e, li, fno, (off if fno >= 0 else 0)
+
+        if len(parts) == 1:
+            merged = walk(parts[0])
+        else:
+            merged = heapq.merge(*(walk(p) for p in parts), key=_first)
+        prev = None
+        for seg in merged:
+            if prev is not None:
+                ps_, pe, pli, pfno, poff = prev
+                s, e, li, fno, off = seg
+                if s == pe and li == pli and fno == pfno and (
+                        fno < 0 or off == poff + (pe - ps_)):
+                    prev = (ps_, e, li, fno, poff)
+                    continue
+                yield prev
+            prev = seg
+        if prev is not None:
+            yield prev
+
+    def resolve(self, pid: int) -> list[tuple[int, int, int, int, int]]:
+        """:meth:`segments` as a list."""
+        return list(self.segments(pid))
+
+    def iter_runs(self, pid: int, *, zero_data: bool = True, max_run: int = 1 << 20,
+                  within=None) -> Iterator[PageRun]:
+        """All pages of ``pid`` in address order: data runs of at most
+        ``max_run`` bytes; zero runs likewise with ``zero_data``, and whole
+        (however long, at no cost) without it. Each frame is read and
+        decompressed once (ahead, on ``threads`` workers) and dropped after
+        its last run is yielded.
+
+        ``within``: an iterable of page-aligned (start, end) address ranges;
+        only the pages inside them are yielded, and frames holding none are
+        never read. The cost is linear in the segments and ranges, not in the
+        pages covered."""
         ps = self.page_size
+        if max_run < ps or max_run % ps:
+            raise ValueError(f"max_run must be a positive multiple of {ps}")
+        segs = self.segments(pid)
+        if within is not None:
+            segs = _clip(segs, _spans(within, ps))
+        # one pass to count each frame's uses (kept as arrays), one to yield
+        cs, ce, cl, cf, co = array("Q"), array("Q"), array("i"), array("i"), array("i")
         uses: dict[tuple[int, int], int] = {}
         order = []
         for s, e, li, fno, off in segs:
+            cs.append(s)
+            ce.append(e)
+            cl.append(li)
+            cf.append(fno)
+            co.append(off)
             if fno >= 0:
                 key = (li, fno)
                 if key not in uses:
@@ -493,12 +952,15 @@ class Chain:
             return self.layers[key[0]].read_frame(key[1], self._dctx())
 
         try:
-            for s, e, li, fno, off in segs:
+            for s, e, li, fno, off in zip(cs, ce, cl, cf, co):
                 if fno < 0:
+                    if zeros is None:
+                        yield PageRun(s, (e - s) // ps, None, True)
+                        continue
                     a = s
                     while a < e:
                         n = min(e - a, max_run)
-                        yield PageRun(a, n // ps, zeros[:n] if zeros is not None else None, True)
+                        yield PageRun(a, n // ps, zeros[:n], True)
                         a += n
                     continue
                 key = (li, fno)
@@ -530,7 +992,8 @@ class Chain:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def verify(self) -> dict:
-        """Read, checksum and decompress every frame of every layer."""
+        """Read, checksum and decompress every frame of every layer, and
+        decode every record."""
         frames = 0
         raw = 0
 
@@ -550,40 +1013,119 @@ class Chain:
                 frames += 1
         for layer in self.layers:
             layer.decoded_records()
-        return {"layers": len(self.layers), "frames": frames, "bytes_raw": raw}
+        return {"layers": len(self.layers), "frames": frames, "bytes_raw": raw,
+                "signed_with": self.key_id}
 
 
-def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged = sorted(a + b)
-    out: list[list[int]] = []
-    for s, e in merged:
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1][1] = e
+def _first(seg):
+    return seg[0]
+
+
+def _coalesce(starts, ends) -> tuple[array, array]:
+    """Sorted, disjoint intervals with touching ones joined."""
+    os_, oe = array("Q"), array("Q")
+    for s, e in zip(starts, ends):
+        if oe and s <= oe[-1]:
+            if e > oe[-1]:
+                oe[-1] = e
         else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+            os_.append(s)
+            oe.append(e)
+    return os_, oe
+
+
+def _merge_intervals(as_, ae, bs, be) -> tuple[array, array]:
+    """Union of two sorted interval lists, coalesced (linear)."""
+    os_, oe = array("Q"), array("Q")
+    i = j = 0
+    na, nb = len(as_), len(bs)
+    while i < na or j < nb:
+        if j >= nb or (i < na and as_[i] <= bs[j]):
+            s, e = as_[i], ae[i]
+            i += 1
+        else:
+            s, e = bs[j], be[j]
+            j += 1
+        if oe and s <= oe[-1]:
+            if e > oe[-1]:
+                oe[-1] = e
+        else:
+            os_.append(s)
+            oe.append(e)
+    return os_, oe
+
+
+def _spans(within, ps: int) -> list[tuple[int, int]]:
+    spans = []
+    for s, e in within:
+        if s % ps or e % ps:
+            raise ValueError(f"range {s:#x}-{e:#x} is not {ps}-aligned")
+        if e > s:
+            spans.append((s, e))
+    spans.sort()
+    ms, me = _coalesce([s for s, _ in spans], [e for _, e in spans])
+    return list(zip(ms, me))
+
+
+def _clip(segs, spans):
+    """The parts of ``segs`` (sorted, disjoint) inside ``spans`` (sorted,
+    disjoint): two pointers, linear in both, lazy."""
+    j = 0
+    ns = len(spans)
+    for s, e, li, fno, off in segs:
+        while j < ns and spans[j][1] <= s:
+            j += 1
+        k = j
+        while k < ns and spans[k][0] < e:
+            a, b = max(s, spans[k][0]), min(e, spans[k][1])
+            yield a, b, li, fno, off + (a - s) if fno >= 0 else 0
+            k += 1
+
+
+def _check_mac_all(layers: list[Layer], key: bytes, threads: int) -> None:
+    kid = S.key_id(key)
+    if threads > 1 and len(layers) > 1:
+        with ThreadPoolExecutor(min(threads, len(layers)), thread_name_prefix="mac") as pool:
+            for _ in pool.map(lambda layer: layer.check_mac(key, kid), layers):
+                pass
+    else:
+        for layer in layers:
+            layer.check_mac(key, kid)
 
 
 def open_chain(images_dir: str | os.PathLike, *, upto: int | None = None,
-               verify_frames: bool = False, threads: int = 1) -> Chain:
+               verify_frames: bool | str = False, threads: int = 1,
+               sign_key: bytes | None = None, max_open: int = MAX_OPEN) -> Chain:
     """Open and validate the chain in ``images_dir``. ``upto``: keep only the
-    first ``upto`` layers (base first). Raises ImageError on any problem."""
+    first ``upto`` layers (base first). ``verify_frames``: True decompresses
+    every frame now, "crc" checks every frame's checksum now. ``sign_key``:
+    every kept layer must be signed with this key, and its MAC (over every
+    byte, frames included; the pass checks every frame's CRC too) must
+    verify before this returns. Raises ImageError on any problem."""
     images_dir = os.fspath(images_dir)
-    files = list_layers(images_dir)
-    if not files:
-        raise ImageError("no layers (layer-NNNN.img) in the images directory", path=images_dir)
+    if sign_key is not None:
+        sign_key = S.check_key(sign_key)
+    files = _Files(images_dir, cap=max_open)
     opened: list[Layer] = []
     try:
-        idx = max(files)
+        names = {}
+        for name in _list(images_dir, files.dir_fd):
+            m = _LAYER_RE.match(name)
+            if m and F.layer_name(int(m.group(1))) == name:
+                names[int(m.group(1))] = name
+        if not names:
+            raise ImageError("no layers (layer-NNNN.img) in the images directory",
+                             path=images_dir)
+        idx = max(names)
         child = None
         while True:
-            path = files.get(idx)
-            if path is None:
+            name = names.get(idx)
+            if name is None:
                 raise ImageError(f"names parent layer {idx} (id {child.inventory.parent_id}) "
                                  f"but {F.layer_name(idx)} is missing",
                                  path=child.path, offset=F.PREAMBLE_SIZE)
-            layer = Layer(path)
+            path = os.path.join(images_dir, name)
+            layer = Layer(path, files)
             opened.append(layer)
             if layer.index != idx:
                 raise ImageError(f"file name says layer {idx} but its header says index "
@@ -592,12 +1134,17 @@ def open_chain(images_dir: str | os.PathLike, *, upto: int | None = None,
                 raise ImageError("page size differs from the rest of the chain",
                                  path=path, offset=F.PREAMBLE_SIZE)
             if child is not None and not _links_to(child, layer):
-                if child.inventory.parent_id not in (layer.layer_id, layer.inventory.replaces_id):
-                    why = (f"names parent id {child.inventory.parent_id} but {F.layer_name(idx)} "
+                cinv = child.inventory
+                if cinv.parent_id not in (layer.layer_id, layer.inventory.replaces_id):
+                    why = (f"names parent id {cinv.parent_id} but {F.layer_name(idx)} "
                            f"has id {layer.layer_id} (a layer from another chain?)")
-                else:
+                elif cinv.parent_digest not in (layer.header_digest,
+                                                layer.inventory.replaces_digest):
                     why = (f"parent header digest differs from {F.layer_name(idx)}'s "
                            f"(parent rewritten or swapped)")
+                else:
+                    why = (f"parent MAC differs from {F.layer_name(idx)}'s (parent re-signed, "
+                           f"replaced or swapped)")
                 raise ImageError(why, path=child.path, offset=F.PREAMBLE_SIZE)
             inv = layer.inventory
             if not inv.parent_id:
@@ -611,7 +1158,8 @@ def open_chain(images_dir: str | os.PathLike, *, upto: int | None = None,
             idx -= 1
         opened.reverse()
         base = opened[0]
-        stale = [p for i, p in sorted(files.items()) if i < base.index]
+        stale = [os.path.join(images_dir, n) for i, n in sorted(names.items())
+                 if i < base.index]
         if upto is not None:
             if not 1 <= upto <= len(opened):
                 raise ImageError(f"chain has {len(opened)} layers; cannot take the first {upto}",
@@ -619,7 +1167,10 @@ def open_chain(images_dir: str | os.PathLike, *, upto: int | None = None,
             for layer in opened[upto:]:
                 layer.close()
             opened = opened[:upto]
-        chain = Chain(images_dir, opened, stale, threads=threads)
+        if sign_key is not None:
+            _check_mac_all(opened, sign_key, max(1, threads))
+        chain = Chain(images_dir, opened, stale, threads=threads, files=files,
+                      key_id=S.key_id(sign_key) if sign_key is not None else None)
         if verify_frames == "crc":
             for layer in chain.layers:  # checksums only: reading decompresses anyway
                 layer.check_frame_crcs()
@@ -629,4 +1180,5 @@ def open_chain(images_dir: str | os.PathLike, *, upto: int | None = None,
     except BaseException:
         for layer in opened:
             layer.close()
+        files.close()
         raise
