@@ -29,6 +29,7 @@ from .freezer import FrozenProcess, freeze_process
 from .interrupt import check as check_stop
 from .interrupt import stoppable
 from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
+from .images.writer import make_images_dir
 from .images.format import KIND_DUMP, KIND_PREDUMP
 from .images.pb import tracking_pb2
 from .images.reader import list_layers
@@ -84,7 +85,7 @@ class Checkpointer:
                  compress_level: int = 1, threads: int = 0, max_pages: int = 0,
                  external_fds: bool = False, progress: bool | None = None,
                  freeze_timeout: float = 5.0, on_frozen=None, store=None,
-                 count_skipped: bool = True):
+                 count_skipped: bool = True, sign_key: bytes | None = None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -101,6 +102,8 @@ class Checkpointer:
         #: page-table walk of the whole target, ~11 ms a GiB, after a
         #: pre-dump's thaw and before a dump's freeze (live migration skips it)
         self.count_skipped = count_skipped
+        #: sign every layer (images/signing.py); a signed chain needs the key
+        self.sign_key = sign_key
         if store is None and images_dir is None:
             raise UsageError("an images directory (or a layer store) is needed")
         self.images_dir = os.fspath(images_dir) if images_dir is not None else "<stream>"
@@ -127,11 +130,7 @@ class Checkpointer:
         if os.path.exists(d) and not os.path.isdir(d):
             raise UsageError(f"images directory {d} is not a directory")
         if not os.path.isdir(d):
-            try:
-                os.makedirs(d, mode=0o700)
-            except OSError as exc:
-                raise CheckpointError(f"cannot create images directory {d}: "
-                                      f"{exc.strerror}") from None
+            make_images_dir(d)   # every directory it makes 0700, whatever the umask
         if not os.access(d, os.W_OK | os.X_OK):
             raise CheckpointError(f"images directory {d} is not writable")
 
@@ -160,18 +159,18 @@ class Checkpointer:
                 sink = LocalSink(self.images_dir, ref.index + 1)
                 try:
                     return LayerWriter(sink, index=ref.index + 1, kind=kind, parent=ref,
-                                       tracker=tracker, level=self.level, threads=threads)
+                                       tracker=tracker, level=self.level, threads=threads,
+                                       sign_key=self.sign_key)
                 except BaseException:
                     sink.abort()
                     raise
         self._last = None
         return open_layer_for_write(self.images_dir, kind=kind, tracker=tracker,
-                                    level=self.level, threads=threads)
+                                    level=self.level, threads=threads, sign_key=self.sign_key)
 
     def _remember(self, st) -> None:
         s = os.stat(st.path)
-        self._last = (st.path, (s.st_ino, s.st_size, s.st_mtime_ns),
-                      ParentRef(st.layer_id, st.header_digest, st.index))
+        self._last = (st.path, (s.st_ino, s.st_size, s.st_mtime_ns), st.parent_ref)
 
     def _load_chain_state(self) -> None:
         """Check the chain belongs to this very process; take its tracker state."""
@@ -187,7 +186,8 @@ class Checkpointer:
         tracker_cls = choose_tracker(self.track)
         saved = None
         if list_layers(self.images_dir):
-            with open_chain(self.images_dir) as chain:
+            # with a key, the tracker state below is trusted only once it verifies
+            with open_chain(self.images_dir, sign_key=self.sign_key) as chain:
                 if chain.top.kind == KIND_DUMP:
                     raise ImageError("the chain already ends with a final dump; use a new "
                                      "images directory", path=chain.top.path)

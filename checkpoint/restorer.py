@@ -667,29 +667,19 @@ class _Builder:
 
     def _write_pages(self) -> None:
         """Every data page from the newest layer holding it, inside the
-        dumped VMAs that keep their pages in the image."""
+        dumped VMAs that keep their pages in the image (the chain clips the
+        runs to them: an image's page entries outside cost nothing)."""
         pid = self.rec["pstree"].pid
         spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
                        if v.path not in mm_obj.SPECIAL
                        and not v.status & mm_obj.VMA_CONTENT_IN_FILE)
         fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
-        i = 0
-        for run in self.chain.iter_runs(pid, zero_data=False):
+        for run in self.chain.iter_runs(pid, zero_data=False, within=spans):
             if run.zero:
                 continue  # fresh mappings are zero, or show their file
-            a, e = run.addr, run.addr + run.npages * PAGE
-            while i < len(spans) and spans[i][1] <= a:
-                i += 1
-            j = i
-            while j < len(spans) and spans[j][0] < e:
-                s0, e0 = max(a, spans[j][0]), min(e, spans[j][1])
-                if s0 < e0:
-                    data = run.data[s0 - a:e0 - a]
-                    n = os.pwrite(fd, data, s0)
-                    if n != len(data):
-                        raise RestoreError(f"short write of pages at {s0:#x}")
-                    self.pages += (e0 - s0) // PAGE
-                j += 1
+            if os.pwrite(fd, run.data, run.addr) != len(run.data):
+                raise RestoreError(f"short write of pages at {run.addr:#x}")
+            self.pages += run.npages
 
     def _set_mm(self, r: Injector, privs) -> None:
         mm, p = self.rec["mm"], self.rec["process"]
@@ -834,10 +824,11 @@ def _free_page(vmas) -> int:
     raise RestoreError("the image's VMAs leave no free page for the restorer's scratch page")
 
 
-def _load(images_dir: str):
+def _load(images_dir: str, sign_key: bytes | None = None):
     # every frame's checksum before anything starts; then each frame is
     # read and decompressed once, while the pages are written
-    chain = open_chain(images_dir, verify_frames="crc")
+    chain = open_chain(images_dir, verify_frames="crc", sign_key=sign_key,
+                       threads=os.cpu_count() or 1)
     try:
         if chain.top.kind != KIND_DUMP:
             raise ImageError("the chain ends with a pre-dump: there is no complete state to "
@@ -861,18 +852,18 @@ def _load(images_dir: str):
 def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
-            restart_block: str = "eintr") -> Restored:
+            restart_block: str = "eintr", sign_key: bytes | None = None) -> Restored:
     # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
     # (interrupt.py); the commit point is the thaw
     with stoppable():
         check_stop()
         return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
                         inherit_stdio=inherit_stdio, inherit=inherit,
-                        restart_block=restart_block)
+                        restart_block=restart_block, sign_key=sign_key)
 
 
 def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
-             restart_block) -> Restored:
+             restart_block, sign_key=None) -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
     ``detach``: reap the process in the background when it exits (else the
@@ -884,7 +875,7 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
     """
     t0 = time.perf_counter()
     images_dir = os.fspath(images_dir)
-    chain, rec = _load(images_dir)
+    chain, rec = _load(images_dir, sign_key)
     try:
         check_images(rec["process"], rec["mm"])
         proc_obj.validate(rec["process"], rec["core"], proc_obj.caller_creds())

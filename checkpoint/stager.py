@@ -224,11 +224,11 @@ class Stager:
         if not runs:
             return
         fd = self.proc.mem.fd
-        starts, rest = runs
-        frames = _FramePrefetch(layer, [fno for _, fno, _ in rest if fno >= 0])
+        starts, ends, fnos, offs = runs
+        frames = _FramePrefetch(layer, [fno for fno in fnos if fno >= 0])
         try:
             i = 0
-            for a, (e, fno, off) in zip(starts, rest):
+            for a, e, fno, off in zip(starts, ends, fnos, offs):
                 while i < len(spans) and spans[i][1] <= a:
                     i += 1
                 frame = frames.get(fno) if fno >= 0 else None

@@ -680,3 +680,56 @@ def test_strict_seccomp_process_is_dumped_and_restored(tmp_path, reaper):
     assert r.wait(10) == 0
     for fd in (in_r, out_r, out_w):
         os.close(fd)
+
+
+def test_signed_chain_end_to_end(rt, reaper):
+    """--sign-key on pre-dump, dump and restore: a signed chain is continued
+    and restored only with its key; an unsigned round into it, a wrong key
+    and an edited layer are refused before anything runs."""
+    import json
+    import shutil
+    p, ch, tmp = rt
+    images = tmp / "img"
+    cli = [sys.executable, "-m", "checkpoint"]
+    key, other = tmp / "key", tmp / "other"
+    for k in (key, other):
+        k.write_bytes(os.urandom(32))
+        k.chmod(0o600)
+    run = lambda *a: subprocess.run([*cli, *map(str, a)], capture_output=True, text=True)
+    assert run("pre-dump", "-t", p.pid, "-D", images, "--sign-key", key).returncode == 0
+    r = run("pre-dump", "-t", p.pid, "-D", images)          # no key: refused
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    r = run("pre-dump", "-t", p.pid, "-D", images, "--sign-key", other)
+    assert r.returncode == 5, r.stderr
+    assert run("dump", "-t", p.pid, "-D", images, "--sign-key", key).returncode == 0
+    killed(p)
+    keys = {_dumped_key(images, 0): ch.in_r, _dumped_key(images, 1): ch.out_w}
+    inherit = [f"--inherit-fd=fd[{fd}]:{k}" for k, fd in keys.items()]
+    # an edited copy: one byte of the last layer's records changed, its CRCs fixed
+    edited = tmp / "edited"
+    shutil.copytree(images, edited)
+    with open_chain(edited) as chain:
+        top, off = chain.top.path, chain.top.record_offsets[0]
+    raw = bytearray(open(top, "rb").read())
+    from checkpoint.images import format as F
+    import zlib
+    n = int.from_bytes(raw[off + 4:off + 8], "little")
+    raw[off + 24 + n - 1] ^= 1
+    raw[off + 16:off + 20] = zlib.crc32(bytes(raw[off + 24:off + 24 + n])).to_bytes(4, "little")
+    seed = F.layer_seed(chain.top.layer_id)
+    raw[off:off + 24] = F.pack_block_header(*F.BLOCK.unpack(bytes(raw[off:off + 24]))[:4],
+                                            off, seed)
+    open(top, "wb").write(raw)
+    assert run("verify", "-D", edited).returncode == 0   # the CRCs alone see nothing
+    for d, k in ((edited, key), (images, other)):
+        r = subprocess.run([*cli, "restore", "-D", d, "-d", "--sign-key", k, *inherit,
+                            "--no-inherit-stdio"], capture_output=True, text=True,
+                           pass_fds=tuple(keys.values()))
+        assert r.returncode == 5, r.stderr
+        assert proc_state(p.pid) in ("", "Z")   # nothing was started
+    r = subprocess.run([*cli, "restore", "-D", images, "-d", "--json", "--sign-key", key,
+                        *inherit, "--no-inherit-stdio"], capture_output=True, text=True,
+                       pass_fds=tuple(keys.values()))
+    assert r.returncode == 0, r.stderr
+    reaper.append(json.loads(r.stdout)["pid"])
+    check_ok(ch, p.pid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..dumper import Checkpointer
+from ..images import load_sign_key
 from . import MAX_PID, MAX_THREADS, ZSTD_LEVELS, int_range
 
 
@@ -23,6 +24,9 @@ def _common(p) -> None:
                         "during pre-dumps)")
     p.add_argument("--max-pages", type=int_range(0, 1 << 40), default=0, metavar="N",
                    help="PAGEMAP_SCAN page budget per call (0: none)")
+    p.add_argument("--sign-key", metavar="FILE",
+                   help="sign each layer with this key (32+ bytes, not readable by others); "
+                        "a signed chain is continued only with its key")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true", help="print the round's stats as JSON")
 
@@ -54,6 +58,7 @@ def run(args) -> int:
                       compress_level=args.compress_level, threads=args.threads,
                       max_pages=args.max_pages,
                       external_fds=getattr(args, "external_fds", False),
+                      sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                       progress=None if not args.json else False) as ck:
         st = ck.dump(leave_running=args.leave_running) if args.final else ck.pre_dump()
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import CheckpointError, ImageError, UsageError
+from . import MAX_THREADS, ZSTD_LEVELS, int_range
 
 
 def register(subparsers) -> None:
@@ -20,7 +21,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("verify", help="check every checksum and link of a chain")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=os.cpu_count() or 1,
+                   metavar="N", help="threads checking frames (default: every core)")
     p.add_argument("--sign-key", metavar="FILE", default=None,
                    help="key file: every layer must be signed with it and its MAC verify")
     p.add_argument("--json", action="store_true")
@@ -28,10 +30,12 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("squash", help="merge the first N layers (default all) into one")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
-    p.add_argument("--into", type=int, default=None, metavar="N",
+    p.add_argument("--into", type=int_range(1, 1 << 31), default=None, metavar="N",
                    help="squash the first N layers into one (default: all)")
-    p.add_argument("--level", type=int, default=None, help="zstd level (default: the layers')")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--level", type=int_range(*ZSTD_LEVELS), default=None, metavar="N",
+                   help="zstd level, 1-22 (default: the layers')")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=1, metavar="N",
+                   help="compression threads (default 1)")
     p.add_argument("--sign-key", metavar="FILE", default=None,
                    help="key file: check the merged layers' MACs and sign the result")
     p.add_argument("--json", action="store_true")

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ..errors import CheckpointError, UsageError
+from ..images import load_sign_key
 from ..restorer import restore
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -36,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--restart-block", choices=["eintr", "reissue"], default="eintr",
                    help="a sleep interrupted by the dump returns EINTR (as CRIU) or is "
                         "issued again")
+    p.add_argument("--sign-key", metavar="FILE",
+                   help="refuse a chain that is not signed with this key, or was edited")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -108,7 +111,8 @@ def run(args) -> int:
     r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 pid_ns=args.pid_ns,
-                restart_block=args.restart_block)
+                restart_block=args.restart_block,
+                sign_key=load_sign_key(args.sign_key) if args.sign_key else None)
     if args.pidfile:
         try:
             write_pidfile(args.pidfile, r.pid)
