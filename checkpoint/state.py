@@ -1,0 +1,154 @@
+"""Every kind of process state the engine knows, and what it does with it.
+
+The rule: each kind is restored exactly, or the dump refuses it with one
+line naming the object and the option that accepts its loss (or hands it to
+the restore side). There is no third outcome: nothing is dropped silently.
+
+``KINDS`` is the one table of that; docs/restore.md's "What is restored"
+section is generated from it (``tools/gen_state_table.py``; a test fails when
+they differ), and ``checkpoint dump -v`` lists what it found of each kind.
+
+Statuses:
+- ``restored``: dumped and restored exactly (its room says how);
+- ``refused``: the dump fails naming it; ``option`` (if any) makes the dump go
+  on and says what happens then (e.g. ``--external-fds``: left to the restore
+  side, which must give a stand-in with ``--inherit-fd``);
+- ``option``: dumped and restored only with ``option`` (which also says the
+  caveat: CRIU's ``--file-locks``, ``--tcp-established``), refused without;
+- ``engine``: belongs to the engine or the host, never the program's (the
+  engine's own parked fds); listed so the table is complete;
+- ``dropped``: what the engine does not handle yet and silently loses: a bug
+  of the rule above, kept visible here until its room restores or refuses it
+  (none may remain: tests/test_state_table.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RESTORED, REFUSED, OPTION, ENGINE, DROPPED = "restored", "refused", "option", "engine", \
+    "dropped"
+STATUSES = (RESTORED, REFUSED, OPTION, ENGINE, DROPPED)
+
+
+@dataclass(frozen=True)
+class Kind:
+    area: str           # "memory", "threads", "signals", "process", "files", ...
+    name: str           # what a user calls it
+    status: str         # one of STATUSES
+    room: str           # the module that dumps and restores (or refuses) it
+    option: str = ""    # the option that accepts a loss / enables it
+    note: str = ""      # one line: how, or why not
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.name}: unknown status {self.status!r}")
+        if self.status == OPTION and not self.option:
+            raise ValueError(f"{self.name}: an 'option' kind names its option")
+
+
+KINDS: tuple[Kind, ...] = (
+    # -- memory
+    Kind("memory", "private anonymous memory", RESTORED, "objects/mm.py",
+         note="every page with content, incrementally (tracking.md)"),
+    Kind("memory", "private file mappings", RESTORED, "objects/mm.py",
+         note="the file mapped again (identity checked), its copied-on-write pages from the image"),
+    Kind("memory", "shared file mappings", RESTORED, "objects/mm.py",
+         note="the file mapped again shared; its pages are the file's"),
+    Kind("memory", "shared anonymous memory, memfd and deleted-file mappings", RESTORED,
+         "objects/mm.py", note="taken whole every round"),
+    Kind("memory", "brk, mm fields, auxv, exe link", RESTORED, "objects/mm.py",
+         note="PR_SET_MM_MAP"),
+    Kind("memory", "vDSO block", RESTORED, "objects/mm.py",
+         note="moved to its dumped address; another kernel's vDSO is refused"),
+    # -- threads
+    Kind("threads", "registers, FPU/AVX state", RESTORED, "objects/threads.py"),
+    Kind("threads", "thread IDs", RESTORED, "restorer.py",
+         note="clone3 set_tid (or inside --pid-ns)"),
+    Kind("threads", "signal mask, sigaltstack, robust list, clear_child_tid, rseq, comm",
+         RESTORED, "objects/threads.py"),
+    Kind("threads", "a syscall interrupted by the dump", RESTORED, "objects/threads.py",
+         note="restarted; a restart block gives EINTR or, with --restart-block reissue, "
+              "the call again"),
+    # -- signals
+    Kind("signals", "dispositions", RESTORED, "objects/signals.py"),
+    Kind("signals", "pending signals (process and thread)", RESTORED, "objects/signals.py",
+         note="re-queued with their siginfo"),
+    # -- process
+    Kind("process", "rlimits", RESTORED, "objects/process.py",
+         note="a hard limit above the caller's stays lower (needs CAP_SYS_RESOURCE)"),
+    Kind("process", "personality, umask, dumpable, parent-death signal", RESTORED,
+         "objects/process.py"),
+    Kind("process", "credentials, capabilities, securebits, no_new_privs", RESTORED,
+         "objects/process.py", note="never more than the caller has"),
+    Kind("process", "seccomp (strict mode, filters)", RESTORED, "objects/process.py",
+         note="user-notification filters are refused"),
+    Kind("process", "cwd, root", RESTORED, "objects/files.py"),
+    # -- files
+    Kind("files", "regular files and directories", RESTORED, "objects/files.py",
+         note="reopened by path as the dumped user, identity checked, offset and flags"),
+    Kind("files", "deleted-but-open files", RESTORED, "objects/files.py",
+         note="recreated from the image as nameless files owned by the dumped user"),
+    Kind("files", "pipes and FIFOs with their data", RESTORED, "objects/files.py"),
+    Kind("files", "/dev/null, zero, full, random, urandom", RESTORED, "objects/files.py"),
+    Kind("files", "terminals and ptys", RESTORED, "objects/files.py",
+         note="the restorer's terminal, a pty pair restored together, or reopened"),
+    Kind("files", "memfd", RESTORED, "objects/files.py", note="content and seals"),
+    Kind("files", "eventfd, signalfd, epoll", RESTORED, "objects/files.py"),
+    Kind("files", "sockets", REFUSED, "objects/files.py", option="--external-fds",
+         note="left to the restore side, which gives a stand-in with --inherit-fd"),
+    Kind("files", "timerfd, inotify, fanotify, pidfd, io_uring, userfaultfd, other devices",
+         REFUSED, "objects/files.py", option="--external-fds",
+         note="left to the restore side (--inherit-fd)"),
+    Kind("files", "the engine's own parked tracking fds", ENGINE, "tracking/parked.py",
+         note="never dumped as the program's"),
+    # -- not handled yet: each must become restored or refused (issue 10)
+    Kind("files", "file locks (flock, POSIX, OFD)", DROPPED, "objects/files.py"),
+    Kind("files", "open procfs files", DROPPED, "objects/files.py",
+         note="a file of /proc/PID/ fails the restore"),
+    Kind("files", "epoll registrations of closed fds", DROPPED, "objects/files.py"),
+    Kind("files", "a memfd both mapped and held as an fd", DROPPED, "objects/files.py",
+         note="restored as two objects"),
+    Kind("files", "status flags of inherited fds (O_NONBLOCK)", DROPPED, "objects/files.py"),
+    Kind("timers", "interval timers (setitimer)", DROPPED, "objects/process.py"),
+    Kind("timers", "POSIX timers (timer_create)", DROPPED, "objects/process.py"),
+    Kind("process", "session, process group, controlling terminal", DROPPED,
+         "objects/process.py", note="the restored process joins the restorer's"),
+    Kind("process", "terminal settings (termios, window size)", DROPPED, "objects/files.py"),
+    Kind("process", "child processes", DROPPED, "objects/process.py",
+         note="process trees are another issue: until then the dump must refuse"),
+    Kind("process", "nice, scheduling policy, CPU affinity, oom_score_adj", DROPPED,
+         "objects/process.py"),
+    Kind("memory", "madvise state, mlock, THP settings", DROPPED, "objects/mm.py"),
+    Kind("memory", "SysV IPC (shared memory, semaphores, message queues)", DROPPED,
+         "objects/mm.py"),
+    Kind("threads", "a thread group whose leader exited", DROPPED, "objects/threads.py",
+         note="reported as 'process exited during the dump'"),
+)
+
+
+def by_status(status: str) -> list[Kind]:
+    return [k for k in KINDS if k.status == status]
+
+
+def markdown() -> str:
+    """The table docs/restore.md holds between its state-table markers."""
+    out = ["| area | state | status | how, or the option |", "|---|---|---|---|"]
+    for k in KINDS:
+        how = k.note
+        if k.option:
+            how = f"`{k.option}`: {how}" if how else f"`{k.option}`"
+        out.append(f"| {k.area} | {k.name} | {k.status} | {how} |")
+    counts = ", ".join(f"{len(by_status(s))} {s}" for s in STATUSES)
+    out.append("")
+    out.append(f"{len(KINDS)} kinds: {counts}.")
+    return "\n".join(out)
+
+
+BEGIN, END = "<!-- state-table:begin -->", "<!-- state-table:end -->"
+
+
+def splice(doc: str) -> str:
+    """``doc`` with the text between the markers replaced by :func:`markdown`."""
+    a, b = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+    return doc[:a] + "\n" + markdown() + "\n" + doc[b:]
