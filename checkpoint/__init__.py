@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the library API, imported on first use so `checkpoint check` stays light
-    if name in ("Checkpointer", "DumpStats", "Restored", "restore", "check"):
+    if name in ("Checkpointer", "DumpStats", "Restored", "restore", "check", "migrate",
+                "page_server"):
         from . import api
         return getattr(api, name)
     raise AttributeError(f"module 'checkpoint' has no attribute {name!r}")

@@ -22,9 +22,24 @@ from .errors import RestoreError
 from .restorer import Restored, restore
 
 
+def migrate(pid: int, to: str, **options):
+    """Live-migrate ``pid`` to the page server at ``to`` (HOST:PORT); returns
+    MigrationStats. Options as checkpoint.migrate.migrate (docs/migrate.md)."""
+    from .migration import migrate as _migrate
+    return _migrate(pid, to, **options)
+
+
+def page_server(images_dir: str, **options):
+    """A PageServer (not yet listening: ``bind()``, then ``serve()``), for an
+    orchestrator that runs the destination in its own process."""
+    from .transport.server import PageServer
+    return PageServer(images_dir, **options)
+
+
 def check() -> KernDat:
     """What this kernel offers (``checkpoint check``)."""
     return probe_all()
 
 
-__all__ = ["Checkpointer", "DumpStats", "Restored", "RestoreError", "restore", "check"]
+__all__ = ["Checkpointer", "DumpStats", "Restored", "RestoreError", "restore", "check",
+           "migrate", "page_server"]

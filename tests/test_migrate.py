@@ -153,6 +153,22 @@ def adopt(t: Target, pid: int) -> Target:
     return new
 
 
+def _children_but(*keep: int) -> list[int]:
+    """Live (not zombie) children of this process, but ``keep``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in keep:
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(st[1]) == os.getpid() and st[0] not in ("Z", "X"):
+            out.append(int(name))
+    return out
+
+
 def _dir_empty(d) -> bool:
     return not os.path.exists(d) or not os.listdir(d)
 
@@ -258,12 +274,18 @@ def test_destination_dies(hosts, key, tmp_path, reap, when):
     src, dst = hosts
     t = memcheck(hosts)
     reap.append(t.pid)
-    fault = "server.data@20:kill" if when == "mid-stream" else "stager.finish:kill"
+    # mid-stream: once the first layer is applied (the copy is being staged)
+    fault = "server.published:kill" if when == "mid-stream" else "stager.finish:kill"
     srv = Server(dst, str(tmp_path / "dst"), t, key, env={"CHECKPOINT_FAULT": fault})
     r = migrate(src, t.pid, srv.addr, key)
     assert r.returncode == 8, (r.returncode, r.stderr)
     srv.p.wait(30)
     assert srv.p.returncode == -signal.SIGKILL
+    # what it staged died with it (its orphans come to this subreaper)
+    deadline = time.monotonic() + 5
+    while _children_but(t.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children_but(t.pid), "the page server's staged copy outlived it"
     _source_unharmed(t)
     _second_migration_works(hosts, t, key, tmp_path, reap)
 
@@ -394,3 +416,45 @@ def test_second_client_is_refused_while_busy(hosts, key, tmp_path, reap):
     res = srv.result()
     assert res["ok"]
     reap.append(res["restored_pid"])
+
+
+def _pki(d: Path, name: str = "ca") -> Path:
+    """A CA and two certificates it signed (server, client), with openssl."""
+    d.mkdir(parents=True, exist_ok=True)
+    def ossl(*a):
+        subprocess.run(["openssl", *a], check=True, capture_output=True, cwd=d)
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-keyout", "ca.key", "-out", "ca.pem")
+    for who in ("server", "client"):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout",
+             f"{who}.key", "-out", f"{who}.csr")
+        ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "1", "-out", f"{who}.pem")
+    for f in d.iterdir():
+        f.chmod(0o600)
+    return d
+
+
+def test_mutual_tls(hosts, tmp_path, reap):
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode:
+        pytest.skip("no openssl command to make test certificates")
+    src, dst = hosts
+    pki, rogue = _pki(tmp_path / "pki"), _pki(tmp_path / "rogue", "rogue-ca")
+    t = memcheck(hosts)
+    reap.append(t.pid)
+    tls = lambda d, who: ["--tls-cert", d / f"{who}.pem", "--tls-key", d / f"{who}.key",
+                          "--tls-cacert", d / "ca.pem"]
+    # a client whose certificate another CA signed: refused, the source runs on
+    srv = Server(dst, str(tmp_path / "dst"), t, None, extra=tls(pki, "server"))
+    r = migrate(src, t.pid, srv.addr, None, *tls(rogue, "client"))
+    assert r.returncode == 8 and "TLS" in r.stderr, r.stderr
+    assert not srv.result()["ok"]
+    _source_unharmed(t)
+    srv = Server(dst, str(tmp_path / "dst2"), t, None, extra=tls(pki, "server"))
+    r = migrate(src, t.pid, srv.addr, None, *tls(pki, "client"))
+    assert r.returncode == 0, r.stderr
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    copy = adopt(t, res["restored_pid"])
+    assert copy.cmd("pause") == "paused" and copy.cmd("check", timeout=30).startswith("good")

@@ -113,7 +113,7 @@ def _logging(args) -> None:
 
 
 def run_migrate(args) -> int:
-    from ..migrate import migrate
+    from ..migration import migrate
     _logging(args)
     if not 0 < args.downtime_limit <= 1e6:
         raise UsageError("--downtime-limit must be within (0, 1000000] ms")

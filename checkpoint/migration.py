@@ -158,7 +158,6 @@ def _rtt(conn) -> float:
 def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit: float,
              max_rounds: int, auto_converge: bool, bar: Progress) -> float:
     """The pre-dump rounds; returns the predicted downtime of stopping now."""
-    fixed = None              # ms a final round costs beyond its pages
     rate = 0.0                # end-to-end bytes/ms
     prev_pages = None
     throttle = 0
@@ -177,10 +176,10 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         if st.bytes_stored:
             rate = st.bytes_stored / moving
             stats.bandwidth_mbps = rate * 1e3 * 8 / 1e6
-        if fixed is None:
-            # freeze and metadata of a round, plus what the destination adds at
-            # the end (files, threads, credentials: about a small restore)
-            fixed = st.frozen_ms + FINAL_EXTRA_MS
+        # the fixed cost of a final round: a round's freeze and metadata (the
+        # latest: the first also registers every VMA), plus what the
+        # destination adds at the end (files, threads, credentials)
+        fixed = st.frozen_ms + FINAL_EXTRA_MS
         per_page = (st.bytes_stored / st.pages_written) if st.pages_written else 0.0
         predicted = fixed + (st.pages_written * per_page / rate if rate else 0.0)
         bar.note(f"round {stats.rounds}: {st.pages_written} pages, {ms:.0f} ms, "
