@@ -36,10 +36,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = _Parser(
         prog="checkpoint",
         description="Incremental checkpoint/restore of Linux processes.",
     )
+    parser.add_argument("--version", action="version", version=f"checkpoint {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -92,6 +94,8 @@ def _main(argv: list[str] | None) -> int:
         return Interrupted.exit_code
     except CheckpointError as exc:
         print(f"checkpoint: error: {exc}", file=sys.stderr)
+        if "--json" in (argv if argv is not None else sys.argv[1:]):
+            emit_json(exc.as_json())   # an orchestrator reads stdout only
         return exc.exit_code
     except BrokenPipeError:
         return 1

@@ -29,7 +29,7 @@ from .freezer import FrozenProcess, freeze_process
 from .interrupt import check as check_stop
 from .interrupt import stoppable
 from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
-from .images.writer import make_images_dir
+from .images.writer import fsync_dir, make_images_dir
 from .images.format import KIND_DUMP, KIND_PREDUMP
 from .images.pb import tracking_pb2
 from .images.reader import list_layers
@@ -75,7 +75,13 @@ class DumpStats:
     path: str
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """The fields, plus the names every verb uses for the layer (``index``,
+        ``layer_id``) and CRIU's stats names and units (µs)."""
+        d = asdict(self)
+        d["index"] = self.layer
+        for name in ("freezing", "frozen", "memdump", "memwrite"):
+            d[f"{name}_time"] = int(round(d[f"{name}_ms"] * 1000))
+        return d
 
 
 class Checkpointer:
@@ -85,7 +91,8 @@ class Checkpointer:
                  compress_level: int = 1, threads: int = 0, max_pages: int = 0,
                  external_fds: bool = False, progress: bool | None = None,
                  freeze_timeout: float = 5.0, on_frozen=None, store=None,
-                 count_skipped: bool = True, sign_key: bytes | None = None):
+                 count_skipped: bool = True, sign_key: bytes | None = None,
+                 prev_images_dir: str | os.PathLike | None = None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -120,8 +127,11 @@ class Checkpointer:
         self.tracker: Tracker | None = None
         self._last = None  # (path, (ino, size, mtime_ns), ParentRef) of the layer we wrote last
         self._vmflags: dict[tuple, frozenset] = {}  # VmFlags of the VMAs seen, by _flag_key
+        self._created_dir = False
         if store is None:
             self._prepare_dir()
+            if prev_images_dir is not None:
+                self._link_previous(os.fspath(prev_images_dir))
 
     # -- chain and tracker ---------------------------------------------------
 
@@ -131,8 +141,37 @@ class Checkpointer:
             raise UsageError(f"images directory {d} is not a directory")
         if not os.path.isdir(d):
             make_images_dir(d)   # every directory it makes 0700, whatever the umask
+            self._created_dir = True
         if not os.access(d, os.W_OK | os.X_OK):
             raise CheckpointError(f"images directory {d} is not writable")
+
+    def _link_previous(self, prev: str) -> None:
+        """Periodic checkpoints (CRIU's --prev-images-dir): this directory
+        starts as the previous checkpoint's chain, its layer files
+        hard-linked (copied when on another file system), so the next layer
+        holds only what changed since, and each directory restores on its
+        own: dropping or squashing the older one breaks nothing here."""
+        if list_layers(self.images_dir):
+            raise UsageError(f"--prev-images-dir: {self.images_dir} already holds layers; "
+                             "give a new directory")
+        with open_chain(prev, sign_key=self.sign_key) as chain:
+            trees = [m for _, m in chain.records("pstree")]
+            start = proc_obj.start_time(self.pid)
+            if trees and (trees[0].pid != self.pid or trees[0].start_time != start):
+                raise ImageError(f"holds the chain of another process (PID {trees[0].pid})",
+                                 path=prev)
+            paths = [layer.path for layer in chain.layers]
+        for path in paths:
+            dst = os.path.join(self.images_dir, os.path.basename(path))
+            try:
+                os.link(path, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise CheckpointError(f"--prev-images-dir: cannot link {path} into "
+                                          f"{self.images_dir}: {exc.strerror}") from None
+                _copy_layer(path, dst)
+        fsync_dir(self.images_dir)
+        log.info("continuing the chain of %s (%d layers linked)", prev, len(paths))
 
     def _open_writer(self, kind: str, tracker: str) -> LayerWriter:
         """The writer of the next layer. When this Checkpointer wrote the top
@@ -188,9 +227,7 @@ class Checkpointer:
         if list_layers(self.images_dir):
             # with a key, the tracker state below is trusted only once it verifies
             with open_chain(self.images_dir, sign_key=self.sign_key) as chain:
-                if chain.top.kind == KIND_DUMP:
-                    raise ImageError("the chain already ends with a final dump; use a new "
-                                     "images directory", path=chain.top.path)
+                top_dump = chain.top.kind == KIND_DUMP
                 trees = [m for _, m in chain.records("pstree")]
                 if trees and (trees[0].pid != self.pid or trees[0].start_time != target_start):
                     raise ImageError(f"holds the chain of another process (PID {trees[0].pid}, "
@@ -200,6 +237,13 @@ class Checkpointer:
                 for _, m in chain.records("tracker"):
                     if m.pid == self.pid:
                         saved = m
+                # a chain may go on after a dump that left the target running
+                # (dump -R arms the tracker: periodic incremental checkpoints)
+                if top_dump and not (saved is not None and saved.tracker == tracker_cls.name
+                                     and tracker_cls.from_state(saved.state)._reason is None):
+                    raise ImageError("the chain ends with a final dump after which tracking "
+                                     "was not kept (a dump without -R, or another tracker); "
+                                     "use a new images directory", path=chain.top.path)
         if self.tracker is not None and self.tracker.name == tracker_cls.name:
             self.tracker.max_pages = self.max_pages
             return  # same engine, next round: keep the live tracker
@@ -239,9 +283,23 @@ class Checkpointer:
         # SIGINT/SIGTERM only set a flag meanwhile; check_stop() acts on it
         # where stopping is safe (checkpoint/interrupt.py)
         with stoppable():
-            check_stop()
-            return self._do_round(final=final, leave_running=leave_running, commit=commit,
-                                  hold=hold)
+            try:
+                check_stop()
+                return self._do_round(final=final, leave_running=leave_running,
+                                      commit=commit, hold=hold)
+            except BaseException:
+                self._drop_empty_dir()
+                raise
+
+    def _drop_empty_dir(self) -> None:
+        """A dump that failed before anything was written leaves no images
+        directory behind (only the one it made, and only when empty)."""
+        if self._created_dir and self.store is None:
+            try:
+                os.rmdir(self.images_dir)
+                self._created_dir = False
+            except OSError:
+                pass
 
     def _do_round(self, *, final: bool, leave_running: bool, commit=None,
                   hold: float = 0.0) -> DumpStats:
@@ -278,7 +336,9 @@ class Checkpointer:
                 tracker.whole_vmas.clear()
                 regions = _collect(tracker, self.pid, vmas)
                 faults.point("round.collected")
-                if not final:  # a final dump ends the chain: nothing to arm for
+                # a dump that kills the target ends the chain: nothing to arm
+                # for; -R keeps tracking, so the next checkpoint is incremental
+                if not final or leave_running:
                     tracker.arm(self.pid, vmas)
                     faults.point("round.armed")
                 if self.on_frozen is not None:
@@ -378,7 +438,7 @@ class Checkpointer:
             else:
                 proc.kill()
                 log.info("killed %d", self.pid)
-        elif self.store is None:
+        if self.store is None and (not final or leave_running):
             self._remember(st)
         return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
                          full_reason=full_reason, freezing_ms=proc.freezing_ms,
@@ -624,6 +684,23 @@ def _fill_gaps(v: procfs.Vma, rows: list) -> list:
 
 def _leader(proc: FrozenProcess) -> int:
     return proc.pid if proc.pid in proc.threads else proc.tids[0]
+
+
+def _copy_layer(src: str, dst: str) -> None:
+    """A layer copied under a temporary name, fsync'ed, then renamed (0600)."""
+    tmp = f"{dst}.copy-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with open(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                os.write(fd, chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, dst)
 
 
 def _flag_key(v: procfs.Vma) -> tuple:

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 
 class CheckpointError(Exception):
-    """Base of every error the engine raises on purpose."""
+    """Base of every error the engine raises on purpose.
+
+    ``retryable``: the same command may succeed if tried again later
+    unchanged (a timing or a transient condition: a thread in uninterruptible
+    sleep, a link that dropped, a PID still held by a dying process), as
+    opposed to a condition that needs a change first (bad input, a missing
+    kernel feature, an object that is not supported). Schedulers use it
+    (``--json`` errors carry it)."""
 
     exit_code = 1
+    retryable = False
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "exit_code": self.exit_code, "kind": type(self).__name__,
+                "retryable": self.retryable}
 
 
 class UsageError(CheckpointError):
@@ -51,6 +63,8 @@ class TargetExited(TargetError):
 
 class FreezeError(TargetError):
     """The target could not be frozen (already traced, timeout, ...)."""
+
+    retryable = True
 
 
 class InjectionError(TargetError):
@@ -98,6 +112,7 @@ class TransportError(CheckpointError):
     kept; the source keeps running."""
 
     exit_code = 8
+    retryable = True
 
 
 class Interrupted(CheckpointError):

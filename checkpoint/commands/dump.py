@@ -24,6 +24,10 @@ def _common(p) -> None:
                         "during pre-dumps)")
     p.add_argument("--max-pages", type=int_range(0, 1 << 40), default=0, metavar="N",
                    help="PAGEMAP_SCAN page budget per call (0: none)")
+    p.add_argument("--prev-images-dir", metavar="DIR",
+                   help="start from the chain of an earlier checkpoint of the same process "
+                        "(after dump -R): only what changed since goes into DIR; its layers "
+                        "are hard-linked, so each directory restores on its own")
     p.add_argument("--sign-key", metavar="FILE",
                    help="sign each layer with this key (32+ bytes, not readable by others); "
                         "a signed chain is continued only with its key")
@@ -59,6 +63,7 @@ def run(args) -> int:
                       max_pages=args.max_pages,
                       external_fds=getattr(args, "external_fds", False),
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
+                      prev_images_dir=args.prev_images_dir,
                       progress=None if not args.json else False) as ck:
         st = ck.dump(leave_running=args.leave_running) if args.final else ck.pre_dump()
     if args.json:

@@ -514,7 +514,8 @@ class LayerWriter:
             kernel_release=kernel_release if kernel_release is not None else os.uname().release,
             tracker=tracker, created_unix_ns=time.time_ns(), created_boottime_ns=_boottime_ns(),
             page_size=page_size, frame_size=frame_size, compression="zstd",
-            compression_level=level, hostname=os.uname().nodename)
+            compression_level=level, hostname=os.uname().nodename,
+            engine_version=_engine_version())
         if parent is not None:
             inv.parent_id = parent.layer_id
             inv.parent_digest = parent.header_digest
@@ -884,6 +885,11 @@ class LayerWriter:
             pool.shutdown(wait=False, cancel_futures=True)   # no new work, whatever follows
             self._pool = None
             pool.shutdown(wait=True)    # workers end after the frame they compress
+
+
+def _engine_version() -> str:
+    from .. import __version__
+    return __version__
 
 
 def open_layer_for_write(images_dir: str | os.PathLike, *, kind: str = F.KIND_DUMP,
