@@ -14,22 +14,46 @@ from . import MAX_THREADS, ZSTD_LEVELS, int_range
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("show", help="describe the layers of an images directory")
-    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = subparsers.add_parser(
+        "show", help="describe the layers of an images directory",
+        description="Describe a layer chain: a summary of its layers and processes by "
+                    "default; --tree, --mm, --files and --pages show more (as "
+                    "checkpointctl inspect). Every checksum of the records is checked; "
+                    "use verify for the frames too.")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                   help="the images directory")
+    p.add_argument("--tree", action="store_true",
+                   help="the process tree: pid, ppid, pgid, sid, threads, state")
+    p.add_argument("--mm", action="store_true", help="every memory mapping (as /proc/PID/maps)")
+    p.add_argument("--files", action="store_true", help="every open file")
+    p.add_argument("--pages", action="store_true",
+                   help="the page counts, bytes and round times of each layer")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
     p.set_defaults(func=cmd_show)
 
-    p = subparsers.add_parser("verify", help="check every checksum and link of a chain")
-    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    p = subparsers.add_parser(
+        "verify", help="check every checksum and link of a chain",
+        description="Read every block of every layer: header and record checksums, "
+                    "every frame's checksum and decompressed size, the chain's links; "
+                    "with --sign-key every layer's MAC. Exit 0 only when all of it is "
+                    "sound, 5 otherwise.")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                   help="the images directory")
     p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=os.cpu_count() or 1,
                    metavar="N", help="threads checking frames (default: every core)")
     p.add_argument("--sign-key", metavar="FILE", default=None,
                    help="key file: every layer must be signed with it and its MAC verify")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help='print {"ok": true|false, ...} as one JSON object')
     p.set_defaults(func=cmd_verify)
 
-    p = subparsers.add_parser("squash", help="merge the first N layers (default all) into one")
-    p.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    p = subparsers.add_parser(
+        "squash", help="merge the first N layers (default all) into one",
+        description="Merge the first N layers of a chain into one layer holding the same "
+                    "content, published by one rename (a crash leaves a readable chain); "
+                    "the older files are then removed.")
+    p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                   help="the images directory")
     p.add_argument("--into", type=int_range(1, 1 << 31), default=None, metavar="N",
                    help="squash the first N layers into one (default: all)")
     p.add_argument("--level", type=int_range(*ZSTD_LEVELS), default=None, metavar="N",
@@ -38,7 +62,7 @@ def register(subparsers) -> None:
                    help="compression threads (default 1)")
     p.add_argument("--sign-key", metavar="FILE", default=None,
                    help="key file: check the merged layers' MACs and sign the result")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_squash)
 
 
@@ -93,7 +117,8 @@ def describe(images_dir: str) -> dict:
                             "comm": e.comm, "threads": list(e.threads), "vmas": []}
         for _, mm in chain.records("mm"):
             proc = procs.setdefault(mm.pid, {"pid": mm.pid, "threads": [], "vmas": []})
-            proc["vmas"] = [{"start": v.start, "end": v.end, "prot": v.prot, "path": v.path}
+            proc["vmas"] = [{"start": v.start, "end": v.end, "prot": v.prot,
+                             "perms": _perms(v), "offset": v.offset, "path": v.path}
                             for v in mm.vmas]
         for _, fe in chain.records("files"):
             proc = procs.setdefault(fe.pid, {"pid": fe.pid, "threads": [], "vmas": []})
@@ -139,6 +164,12 @@ def _temp_notes(temps) -> list[str]:
     return out
 
 
+def _perms(v) -> str:
+    """A VMA's protection as /proc/PID/maps prints it: r-xp, rw-s ..."""
+    return ("r" if v.prot & 1 else "-") + ("w" if v.prot & 2 else "-") + \
+        ("x" if v.prot & 4 else "-") + ("s" if v.flags & 0x01 else "p")
+
+
 def cmd_show(args) -> int:
     try:
         info = describe(args.images_dir)
@@ -148,27 +179,44 @@ def cmd_show(args) -> int:
         from ..cli import emit_json
         emit_json(info)
         return 0
-    print(f"{_safe(info['dir'])}: {len(info['layers'])} layer(s)")
-    for L in info["layers"]:
+    layers, procs = info["layers"], info["processes"]
+    raw = sum(L["bytes_raw"] for L in layers)
+    stored = sum(L["bytes_stored"] for L in layers)
+    top = layers[-1] if layers else None
+    print(f"{_safe(info['dir'])}: {len(layers)} layer(s), {_mib(raw)} of pages in "
+          f"{_mib(stored)} stored; newest: {_safe(top['kind']) if top else '-'}"
+          + (" (restorable)" if top and top["kind"] == "dump" else " (not restorable: "
+             "it ends with a pre-dump)"))
+    for L in layers:
         parent = "-" if L["parent"] is None else L["parent"]
         sq = f" squashed from {L['squashed_from']}" if L["squashed_from"] is not None else ""
         sig = f" signed with key {L['signed_with']}" if L["signed_with"] else ""
-        ratio = L["bytes_raw"] / L["bytes_stored"] if L["bytes_stored"] else 0.0
         print(f"  layer {L['index']:4d} parent {parent:>4} {_safe(L['kind']):8s} tracker "
-              f"{_safe(L['tracker'])}{sq}{sig}  id {L['id'][:12]}")
-        print(f"      pages {L['pages_written']} written, {L['pages_zero']} zero, "
-              f"{L['pages_skipped_parent']} in parent; {_mib(L['bytes_raw'])} raw -> "
-              f"{_mib(L['bytes_stored'])} stored (x{ratio:.2f}), file {_mib(L['file_bytes'])}")
-        print(f"      freezing {L['freezing_ms']:.1f} ms, frozen {L['frozen_ms']:.1f} ms, "
-              f"memdump {L['memdump_ms']:.1f} ms, memwrite {L['memwrite_ms']:.1f} ms")
-    for p in info["processes"]:
-        print(f"  process {p['pid']} ppid {p.get('ppid', '?')} threads {p['threads']} "
-              f"vmas {len(p['vmas'])}")
-    for v in (p for p in info["processes"] for p in p["vmas"]):
-        print(f"      {v['start']:#x}-{v['end']:#x} prot {v['prot']} {_safe(v['path'])}")
-    for p in info["processes"]:
-        if p["fds"]:
-            print(f"  process {p['pid']} fds {len(p['fds'])}")
+              f"{_safe(L['tracker'])}{sq}{sig}  {L['pages_written']} pages  id {L['id'][:12]}")
+        if args.pages:
+            ratio = L["bytes_raw"] / L["bytes_stored"] if L["bytes_stored"] else 0.0
+            print(f"      pages {L['pages_written']} written, {L['pages_zero']} zero, "
+                  f"{L['pages_skipped_parent']} in parent; {_mib(L['bytes_raw'])} raw -> "
+                  f"{_mib(L['bytes_stored'])} stored (x{ratio:.2f}), file "
+                  f"{_mib(L['file_bytes'])}")
+            print(f"      freezing {L['freezing_ms']:.1f} ms, frozen {L['frozen_ms']:.1f} ms, "
+                  f"memdump {L['memdump_ms']:.1f} ms, memwrite {L['memwrite_ms']:.1f} ms")
+    if args.tree:
+        print(f"  {'PID':>7} {'PPID':>7} {'PGID':>7} {'SID':>7}  threads  comm")
+    for p in procs:
+        if args.tree:
+            print(f"  {p['pid']:>7} {p.get('ppid', '?'):>7} {p.get('pgid', '?'):>7} "
+                  f"{p.get('sid', '?'):>7}  {len(p['threads']):>7}  {_safe(p.get('comm', ''))}")
+        else:
+            print(f"  process {p['pid']} ({_safe(p.get('comm', ''))}): {len(p['threads'])} "
+                  f"thread(s), {len(p['vmas'])} mappings, {len(p['fds'])} fds")
+    for p in procs if args.mm else ():
+        print(f"  process {p['pid']} mappings:")
+        for v in p["vmas"]:
+            print(f"      {v['start']:x}-{v['end']:x} {v['perms']} {v['offset']:08x} "
+                  f"{_safe(v['path'])}")
+    for p in procs if args.files else ():
+        print(f"  process {p['pid']} fds:")
         for f in p["fds"]:
             print(f"      fd {f['fd']:4d} {_safe(f['type']):8s} pos {f['pos']:<10d} "
                   f"flags {f['flags']:#o} {_safe(f['path'])}")
