@@ -24,7 +24,7 @@ from array import array
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
-from . import faults
+from . import faults, hooks
 from .freezer import FrozenProcess, freeze_process
 from .interrupt import check as check_stop
 from .interrupt import stoppable
@@ -92,7 +92,8 @@ class Checkpointer:
                  external_fds: bool = False, progress: bool | None = None,
                  freeze_timeout: float = 5.0, on_frozen=None, store=None,
                  count_skipped: bool = True, sign_key: bytes | None = None,
-                 prev_images_dir: str | os.PathLike | None = None):
+                 prev_images_dir: str | os.PathLike | None = None,
+                 action_scripts: list[str] | None = None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -111,6 +112,8 @@ class Checkpointer:
         self.count_skipped = count_skipped
         #: sign every layer (images/signing.py); a signed chain needs the key
         self.sign_key = sign_key
+        #: CRIU's --action-script: run at pre-dump and post-dump (hooks.py)
+        self.action_scripts = list(action_scripts or [])
         if store is None and images_dir is None:
             raise UsageError("an images directory (or a layer store) is needed")
         self.images_dir = os.fspath(images_dir) if images_dir is not None else "<stream>"
@@ -314,6 +317,7 @@ class Checkpointer:
             # smaps is costly (the kernel walks every page table for its
             # counters): a final dump reads it before freezing and, inside,
             # only checks with the cheap maps that the layout is the same
+            hooks.run(self.action_scripts, "pre-dump", pid=self.pid, images_dir=self.images_dir)
             smaps_before = procfs.read_smaps(self.pid) \
                 if final and self.count_skipped else None
             if smaps_before is None:
@@ -419,6 +423,14 @@ class Checkpointer:
             progress.close()
         log.info("published %s: %d pages, %d zero, %d bytes stored", st.path, st.pages,
                  st.pages_zero, st.bytes_stored)
+        if self.action_scripts:   # a final dump's target is still frozen here
+            try:
+                hooks.run(self.action_scripts, "post-dump", pid=self.pid,
+                          images_dir=self.images_dir)
+            except BaseException:
+                if proc.threads:
+                    proc.thaw()
+                raise
         if self.store is not None or commit is not None:
             try:
                 if self.store is not None:

@@ -35,6 +35,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from . import hooks
 from .errors import (CheckpointError, ImageError, InjectionError, Interrupted, RestoreError,
                      UsageError)
 from .interrupt import check as check_stop
@@ -852,18 +853,20 @@ def _load(images_dir: str, sign_key: bytes | None = None):
 def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
-            restart_block: str = "eintr", sign_key: bytes | None = None) -> Restored:
+            restart_block: str = "eintr", sign_key: bytes | None = None,
+            action_scripts: list[str] | None = None) -> Restored:
     # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
     # (interrupt.py); the commit point is the thaw
     with stoppable():
         check_stop()
         return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
                         inherit_stdio=inherit_stdio, inherit=inherit,
-                        restart_block=restart_block, sign_key=sign_key)
+                        restart_block=restart_block, sign_key=sign_key,
+                        action_scripts=action_scripts)
 
 
 def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
-             restart_block, sign_key=None) -> Restored:
+             restart_block, sign_key=None, action_scripts=None) -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
     ``detach``: reap the process in the background when it exits (else the
@@ -875,6 +878,7 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
     """
     t0 = time.perf_counter()
     images_dir = os.fspath(images_dir)
+    hooks.run(action_scripts, "pre-restore", images_dir=images_dir)
     chain, rec = _load(images_dir, sign_key)
     try:
         check_images(rec["process"], rec["mm"])
@@ -913,7 +917,9 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
                     if isinstance(exc, (RestoreError, Interrupted)):
                         raise
                     raise RestoreError(f"restoring {b._what} failed: {exc}") from None
+                hooks.run(action_scripts, "post-restore", pid=pid, images_dir=images_dir)
                 check_stop()  # the last chance: from the thaw on it runs
+                hooks.run(action_scripts, "pre-resume", pid=pid, images_dir=images_dir)
                 spawned.release_keeper()
             except BaseException:
                 proc.kill()  # still traced: it never runs half-built
@@ -927,6 +933,7 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3
     log.info("restored PID %d in %.1f ms", pid, ms)
+    hooks.run(action_scripts, "post-resume", pid=pid, images_dir=images_dir, fatal=False)
     r = Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers),
                  detached=detach, pid_ns=pid_ns, waiter=waiter)
     if detach:

@@ -28,6 +28,10 @@ def _common(p) -> None:
                    help="start from the chain of an earlier checkpoint of the same process "
                         "(after dump -R): only what changed since goes into DIR; its layers "
                         "are hard-linked, so each directory restores on its own")
+    p.add_argument("--action-script", action="append", default=[], metavar="FILE",
+                   help="run FILE before freezing (pre-dump) and once the layer is published "
+                        "with the target still frozen (post-dump); CHECKPOINT_ACTION says which "
+                        "(CRIU's CRTOOLS_SCRIPT_ACTION too); non-zero aborts")
     p.add_argument("--sign-key", metavar="FILE",
                    help="sign each layer with this key (32+ bytes, not readable by others); "
                         "a signed chain is continued only with its key")
@@ -64,6 +68,7 @@ def run(args) -> int:
                       external_fds=getattr(args, "external_fds", False),
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                       prev_images_dir=args.prev_images_dir,
+                      action_scripts=args.action_script,
                       progress=None if not args.json else False) as ck:
         st = ck.dump(leave_running=args.leave_running) if args.final else ck.pre_dump()
     if args.json:

@@ -97,6 +97,8 @@ def register(sub) -> None:
                    help="give the restored process this server's fd N in place of the "
                         "dumped fd whose link was KEY")
     p.add_argument("--once", action="store_true", help="exit after one migration")
+    p.add_argument("--status-fd", type=int, default=None, metavar="FD",
+                   help="write a zero byte to FD and close it once listening")
     _auth(p, server=True)
     p.set_defaults(func=run_page_server)
 
@@ -143,12 +145,15 @@ def run_page_server(args) -> int:
     srv = PageServer(args.images_dir, address=args.address, port=args.port, key=key, tls=tls,
                      restore=args.restore, pid_ns=args.pid_ns,
                      inherit=parse_inherit(args.inherit_fd), timeout=args.timeout)
+    from .restore import check_status_fd, notify_status
+    check_status_fd(args.status_fd)
     port = srv.bind()
     # the ready line (port 0 picks one): on stderr, or as JSON on stdout
     if args.json:   # one JSON object a line: the ready line, then one per migration
         _line({"listening": f"{args.address}:{port}", "port": port})
     else:
         print(f"page-server listening on {args.address}:{port}", file=sys.stderr, flush=True)
+    notify_status(args.status_fd)
 
     def done(m) -> None:
         if args.json:

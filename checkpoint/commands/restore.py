@@ -39,6 +39,13 @@ def register(sub) -> None:
                         "issued again")
     p.add_argument("--sign-key", metavar="FILE",
                    help="refuse a chain that is not signed with this key, or was edited")
+    p.add_argument("--action-script", action="append", default=[], metavar="FILE",
+                   help="run FILE at pre-restore, post-restore (built, still stopped), "
+                        "pre-resume and post-resume (CHECKPOINT_ACTION; CRIU's names); "
+                        "non-zero before the resume aborts the restore")
+    p.add_argument("--status-fd", type=int, default=None, metavar="FD",
+                   help="write a zero byte to FD and close it once the process runs "
+                        "(CRIU's ready notification)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -101,6 +108,25 @@ def write_pidfile(path: str, pid: int) -> None:
         os.close(dfd)
 
 
+def notify_status(fd: int | None) -> None:
+    """CRIU's --status-fd: one zero byte, then the fd is closed."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+        os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"--status-fd {fd}: {exc.strerror}") from None
+
+
+def check_status_fd(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise UsageError(f"--status-fd {fd}: not an open fd") from None
+
+
 def run(args) -> int:
     if args.verbose:
         import logging
@@ -108,11 +134,14 @@ def run(args) -> int:
     inherit = parse_inherit(args.inherit_fd)
     if args.pidfile:
         check_pidfile(args.pidfile)
+    check_status_fd(args.status_fd)
     r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 pid_ns=args.pid_ns,
                 restart_block=args.restart_block,
-                sign_key=load_sign_key(args.sign_key) if args.sign_key else None)
+                sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
+                action_scripts=args.action_script)
+    notify_status(args.status_fd)
     if args.pidfile:
         try:
             write_pidfile(args.pidfile, r.pid)
