@@ -197,6 +197,7 @@ class Runner:
         self.mib, self.writers, self.churn = mib, writers, churn
         self.rng = rng or random.Random(1)
         self.n = 0
+        self._dirs: list[str] = []
         self.target = Mem.start(exe, mib, writers, pause_us)
         self.pages = mib * 256
         if churn:
@@ -213,12 +214,23 @@ class Runner:
 
     def _dir(self) -> str:
         self.n += 1
-        return os.path.join(tempfile.mkdtemp(prefix=f"run{self.n:04d}-", dir=self.work), "img")
+        d = tempfile.mkdtemp(prefix=f"run{self.n:04d}-", dir=self.work)
+        self._dirs.append(d)
+        return os.path.join(d, "img")
+
+    def _forget_old_runs(self) -> None:
+        """The chains of finished runs are not needed again (the restored copy
+        is the next target): free their disk space."""
+        import shutil
+        for d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
 
     def run(self, verb: str, fault: str | None = None, delay: float | None = None,
             sig: int = signal.SIGKILL) -> Outcome:
         """One run; ``fault`` (CHECKPOINT_FAULT) or ``delay`` (seconds after
         the engine starts, then ``sig``) says when the engine dies."""
+        self._forget_old_runs()
         t = self.target
         images = self._dir()
         # a base layer first, so the killed round is an incremental one; then
