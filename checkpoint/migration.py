@@ -195,13 +195,17 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         growing = prev_pages is not None and stats.rounds > 2 and \
             st.pages_written > prev_pages * GROWTH
         shrinking = prev_pages is None or st.pages_written < prev_pages
+        # throttled, the rounds must shrink by a quarter each, or it tightens
+        slow = throttle and prev_pages is not None and st.pages_written > prev_pages * 0.75
         prev_pages = st.pages_written
-        if growing or (not shrinking and stats.rounds > 2):
+        if growing or slow or (not shrinking and stats.rounds > 2):
             if auto_converge and throttle < len(THROTTLE_STEPS):
                 throttle += 1
                 log.info("not converging: throttling the process to %d%% frozen",
                          THROTTLE_STEPS[throttle - 1] * 100)
                 continue
+            if throttle and not growing and shrinking:
+                continue     # at the tightest throttle, still shrinking: go on
             stats.converged = False
             stats.reason = ("the process dirties memory faster than the link carries it "
                             "(rounds stopped shrinking)" + ("" if auto_converge else

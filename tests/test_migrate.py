@@ -458,3 +458,42 @@ def test_mutual_tls(hosts, tmp_path, reap):
     reap.append(res["restored_pid"])
     copy = adopt(t, res["restored_pid"])
     assert copy.cmd("pause") == "paused" and copy.cmd("check", timeout=30).startswith("good")
+
+
+def test_a_process_dirtying_faster_than_the_link_is_named_or_throttled(hosts, key, tmp_path,
+                                                                       reap):
+    """A 40 Mbit/s link (tc tbf on the veth) and a process rewriting ~20 MB/s
+    of incompressible pages: the rounds cannot shrink. Without
+    --auto-converge the migration switches over anyway and says why; with
+    it the rounds hold the process frozen for part of their time
+    (docs/migrate.md, the policy). Both copies pass their self-check."""
+    from netns import shape
+    src, dst = hosts
+    for h in hosts:
+        shape(h, "40mbit")
+    try:
+        for auto in (False, True):
+            t = memcheck(hosts, mib=16, pause_us=200)
+            reap.append(t.pid)
+            srv = Server(dst, str(tmp_path / f"dst{auto}"), t, key)
+            extra = ["--auto-converge"] if auto else []
+            r = migrate(src, t.pid, srv.addr, key, "--max-rounds", "6", *extra, timeout=300)
+            assert r.returncode == 0, r.stderr
+            st = json.loads(r.stdout)
+            res = srv.result(timeout=300)
+            assert res["ok"], res
+            reap.append(res["restored_pid"])
+            throttled = [p["throttle"] for p in st["per_round"] if p.get("throttle")]
+            print(f"auto-converge={auto}: {st['rounds']} rounds, converged {st['converged']}, "
+                  f"throttle {throttled}, downtime {st['downtime_ms']:.0f} ms; {st['reason']}")
+            if auto:
+                assert throttled, st["per_round"]
+            else:
+                assert not st["converged"] and "faster than the link" in st["reason"], st
+            copy = adopt(t, res["restored_pid"])
+            assert copy.cmd("pause") == "paused"
+            assert copy.cmd("check", timeout=60).startswith("good")
+    finally:
+        for h in hosts:
+            subprocess.run(["ip", "netns", "exec", h.ns, "tc", "qdisc", "del", "dev", h.dev,
+                            "root"], capture_output=True)
