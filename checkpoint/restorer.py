@@ -703,7 +703,15 @@ class _Builder:
                             base + 1024, len(auxv_raw), exe_fd)
             r.write(base, m)
             # the restorer's privilege: CAP_CHECKPOINT_RESTORE/CAP_SYS_ADMIN for the exe link
-            r.call("prctl", PR_SET_MM, PR_SET_MM_MAP, base, len(m), 0)
+            res = r.syscall("prctl", PR_SET_MM, PR_SET_MM_MAP, base, len(m), 0)
+            if res == -errno.EPERM:
+                raise RestoreError(
+                    f"setting the exe link to {mm.exe_path} (PR_SET_MM_MAP) needs "
+                    "CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN): give the engine that "
+                    "capability (e.g. setpriv --inh-caps +checkpoint_restore --ambient-caps "
+                    "+checkpoint_restore), or restore as root")
+            if res < 0:
+                raise RestoreError(f"PR_SET_MM_MAP failed: {os.strerror(-res)}")
         finally:
             if exe_fd >= 0:
                 r.syscall("close", exe_fd)
