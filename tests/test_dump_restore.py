@@ -339,7 +339,11 @@ def test_dump_error_paths(rt, tmp_path, spawn, python_exe):
     with pytest.raises(CheckpointError, match="4000000"):
         Checkpointer(4_000_000, tmp / "x").pre_dump()
     # a directory holding another process's chain
-    other = spawn([python_exe, "-c", "import time; print('READY', flush=True); time.sleep(30)"])
+    # (it keeps writing memory, so the dump below always has pages to read
+    # after the target died)
+    other = spawn([python_exe, "-c", "import time\nb = bytearray(1 << 22)\nprint('READY', "
+                                     "flush=True)\nwhile True:\n    b[0] ^= 1\n"
+                                     "    time.sleep(0.001)"])
     other.expect("READY")
     Checkpointer(other.pid, tmp / "chain").pre_dump()
     with pytest.raises(ImageError, match=f"another process \\(PID {other.pid}"):
