@@ -119,7 +119,7 @@ def finish(R: RestoreCore, it: Item) -> None:
             if lk.start > OFFSET_MAX or length < 0:
                 raise R.fail(it, f"image field lock: start {lk.start}, end {lk.end}")
             # struct flock: short l_type, l_whence; off_t l_start, l_len; pid_t l_pid
-            raw = struct.pack("<hhqqi4x", fcntl.F_WRLCK if lk.write else fcntl.F_RDLCK,
+            raw = struct.pack("<hh4xqqi4x", fcntl.F_WRLCK if lk.write else fcntl.F_RDLCK,
                               os.SEEK_SET, lk.start, length, 0)
             R.r.write(R.r.scratch, raw)
             cmd = fcntl.F_SETLK if lk.kind == "posix" else F_OFD_SETLK
