@@ -197,6 +197,28 @@ def test_tty_settings_and_window_size(run):
     assert t.state() == "STATE ok"
 
 
+def test_tty_stand_in_gets_the_settings_keeps_its_size(run):
+    """A terminal given with --inherit-fd (the restorer's) gets the dumped
+    termios (raw stays raw); its window size stays its own, and the process
+    gets one SIGWINCH since it differs from the dumped one."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    t = run("tty-inherit")
+    t.dump()
+    m, s = pty.openpty()
+    try:
+        fcntl.ioctl(s, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert termios.tcgetattr(s)[:6] != t.info["attrs"]  # cooked
+        t.restore(inherit={f"fd{t.info['slave']}": s})
+        assert termios.tcgetattr(s)[:6] == t.info["attrs"]
+        assert t.state() == "STATE ok"
+    finally:
+        os.close(m)
+        os.close(s)
+
+
 # --------------------------------------------------------------------------
 # refused kinds: one target each, the one line, and --external-fds
 

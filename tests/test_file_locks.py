@@ -179,3 +179,24 @@ def test_flock_and_ofd_locks_are_taken_again(tmp_path, procs, how):
     finally:
         os.close(fd)
     ch.close()
+
+
+def test_cli_dump_refuses_locks_without_the_option(db, tmp_path, procs):
+    """checkpoint dump: exit 6 and one line naming --file-locks; with it the
+    dump goes on (and the target is killed as after any dump)."""
+    ch = Channel()
+    holder = ch.popen([sys.executable, TARGET, str(db), "hold"])
+    procs.append(holder)
+    ch.expect("READY")
+    cli = [sys.executable, "-m", "checkpoint", "dump", "-t", str(holder.pid)]
+    res = subprocess.run([*cli, "-D", str(tmp_path / "a")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 6, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--file-locks" in lines[0] and "POSIX" in lines[0]
+    assert holder.poll() is None and posix_locks(holder.pid)
+    res = subprocess.run([*cli, "-D", str(tmp_path / "b"), "--file-locks"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    holder.wait(10)
+    ch.close()

@@ -227,6 +227,22 @@ elif kind == "tty":
         os.write(master, b"ab\n")  # raw: no echo, no line discipline, VMIN 3
         expect(os.read(slave, 3) == b"ab\n", "raw read")
 
+# -- tty-inherit: the restorer's terminal stands in for ours: it gets our
+#    settings, keeps its own size, and we are told it changed (SIGWINCH)
+elif kind == "tty-inherit":
+    import signal
+    winch = [0]
+    signal.signal(signal.SIGWINCH, lambda *a: winch.__setitem__(0, winch[0] + 1))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    info.update(master=master, slave=slave, attrs=termios.tcgetattr(slave)[:6])
+
+    def check():
+        expect(winch[0] == 1, f"{winch[0]} SIGWINCH")
+        ws = struct.unpack("HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8))
+        expect(ws[:2] == (24, 80), f"window size {ws}")
+
 # -- what the dump refuses: set up only
 elif kind == "socket":
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

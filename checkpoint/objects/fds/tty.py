@@ -129,6 +129,8 @@ def finish(R: RestoreCore, it: Item) -> None:
     e = it.e
     if not e.HasField("tty") or len(e.tty.termios) != TERMIOS2_SIZE:
         return
+    if e.fd in R.inherited and not placeholder_is_tty(R, e.fd):
+        return  # the stand-in is no terminal (a pipe given for a tty): nothing to set
     R.r.write(R.r.scratch, e.tty.termios)
     res = R.r.syscall("ioctl", e.fd, TCSETS2, R.r.scratch)
     if res < 0:
