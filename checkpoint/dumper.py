@@ -93,7 +93,7 @@ class Checkpointer:
                  freeze_timeout: float = 5.0, on_frozen=None, store=None,
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
-                 action_scripts: list[str] | None = None):
+                 action_scripts: list[str] | None = None, file_locks: bool = False):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -122,6 +122,8 @@ class Checkpointer:
         self.threads = threads
         self.max_pages = max_pages
         self.external_fds = external_fds
+        #: dump file locks and take them again at restore (CRIU's --file-locks)
+        self.file_locks = file_locks
         self.progress = progress
         self.freeze_timeout = freeze_timeout
         #: called as on_frozen(frozen_process) inside every freeze, after the
@@ -508,7 +510,8 @@ class Checkpointer:
             out["core"] = cores
             # the engine's own fds parked there, by any chain or engine run
             out["files"] = dump_files(proc, external=self.external_fds,
-                                      exclude_fds=parked.engine_fds(pid))
+                                      exclude_fds=parked.engine_fds(pid),
+                                      file_locks=self.file_locks)
         out["_vmas"] = vmas
         return out
 

@@ -50,7 +50,7 @@ from .kernel import ptrace as pt
 from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
-from .objects.files import open_path, restore_files
+from .objects.files import open_path, premake_memfds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
 
 PAGE = procfs.PAGE_SIZE
@@ -481,6 +481,8 @@ class _Builder:
         self.inherit = inherit
         self.restart_block = restart_block
         self.pages = 0
+        #: memfds the fd room made before the mappings of them: (dev, inode) -> fd
+        self.premade: dict[tuple[int, int], int] = {}
         self._engine_tid: dict[int, int] = {}  # dumped TID -> TID as the engine sees it
 
     def run(self) -> None:
@@ -536,7 +538,8 @@ class _Builder:
         self._sigactions(r)
         self._what = "files"
         with privs.as_dumped():
-            restore_files(r, rec["files"], inherit=self.inherit, privs=privs)
+            restore_files(r, rec["files"], inherit=self.inherit, privs=privs,
+                          premade=self.premade)
         self._what = "process attributes"
         self._process_attrs(r)
         self._what = f"thread {leader}"
@@ -639,8 +642,19 @@ class _Builder:
     def _map_vmas(self, r: Injector, vmas=None) -> None:
         """Map ``vmas`` (default: all of the image's) fresh at their addresses."""
         opened: dict[tuple[str, int], int] = {}
+        vmas = self.rec["mm"].vmas if vmas is None else vmas
+        # a memfd the process also holds as an fd is made by the fd room first
+        # and mapped from (one object, as dumped); one with no fd left is
+        # mapped anonymous and filled from the image
+        files = self.rec.get("files")
+        if files is not None:
+            want = {(v.dev, v.inode) for v in vmas if v.path.startswith("/memfd:")} - \
+                set(self.premade)
+            if want:
+                self._what = "memfds of mappings"
+                self.premade.update(premake_memfds(r, files, sorted(want)))
         try:
-            for v in (self.rec["mm"].vmas if vmas is None else vmas):
+            for v in vmas:
                 if v.path in mm_obj.SPECIAL:
                     continue
                 self._what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
@@ -657,6 +671,8 @@ class _Builder:
                         fd = self._open_checked(r, v.path, acc, (v.dev, v.inode), "mapped file")
                         opened[(v.path, acc)] = fd
                     off = v.offset
+                elif v.path.startswith("/memfd:") and (v.dev, v.inode) in self.premade:
+                    fd, off = self.premade[(v.dev, v.inode)], v.offset
                 else:
                     flags |= 0x20
                 got = r.call("mmap", v.start, v.end - v.start, v.prot, flags, fd, off)
@@ -671,9 +687,12 @@ class _Builder:
         dumped VMAs that keep their pages in the image (the chain clips the
         runs to them: an image's page entries outside cost nothing)."""
         pid = self.rec["pstree"].pid
+        # a shared mapping of a memfd made from its fd shows the memfd's content
         spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
                        if v.path not in mm_obj.SPECIAL
-                       and not v.status & mm_obj.VMA_CONTENT_IN_FILE)
+                       and not v.status & mm_obj.VMA_CONTENT_IN_FILE
+                       and not (v.flags & 0x01 and v.path.startswith("/memfd:")
+                                and (v.dev, v.inode) in self.premade))
         fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
         for run in self.chain.iter_runs(pid, zero_data=False, within=spans):
             if run.zero:

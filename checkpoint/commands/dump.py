@@ -37,6 +37,11 @@ def _common(p) -> None:
                         "a signed chain is continued only with its key")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("--json", action="store_true", help="print the round's stats as JSON")
+    p.add_argument("--file-locks", action="store_true",
+                   help="dump the file locks (flock, POSIX, OFD) the target holds and take "
+                        "them again at restore; without it a target holding one is refused. "
+                        "The locks are let go when the target dies: another process may take "
+                        "them before the restore (which then fails)")
 
 
 def register(sub) -> None:
@@ -66,6 +71,7 @@ def run(args) -> int:
                       compress_level=args.compress_level, threads=args.threads,
                       max_pages=args.max_pages,
                       external_fds=getattr(args, "external_fds", False),
+                      file_locks=args.file_locks,
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                       prev_images_dir=args.prev_images_dir,
                       action_scripts=args.action_script,

@@ -21,6 +21,7 @@ _syscall.restype = ctypes.c_long
 # (entries from 512 up in that table are the x32 ABI: skip them)
 NR: dict[str, int] = {name: nr for nr, name in _NAMES.items() if nr < 512}
 NR.update({
+    "timerfd_create": 283,  # python-ptrace names it timerfd
     "userfaultfd": 323,
     "membarrier": 324,
     "copy_file_range": 326,
