@@ -331,7 +331,9 @@ def test_show_prints_the_fd_table(tmp_path, monkeypatch, capsys):
         {"fd": 4, "type": "reg", "path": "/etc/hosts", "pos": 0, "flags": 0},
         {"fd": 5, "type": "unknown", "path": "socket:[9]", "pos": 0, "flags": 0}]
 
-    assert cli.main(["show", "-D", str(d)]) == 0
+    assert cli.main(["show", "-D", str(d)]) == 0       # the summary counts them
+    assert "4 fds" in capsys.readouterr().out
+    assert cli.main(["show", "-D", str(d), "--files"]) == 0
     out = capsys.readouterr().out
-    assert "process 7 fds 4" in out
+    assert "process 7 fds:" in out
     assert re.search(r"fd +3 reg +pos 12 +flags 0o2002 /etc/hosts", out)
