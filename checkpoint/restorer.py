@@ -43,6 +43,7 @@ from .interrupt import stoppable
 from .freezer import (SEIZE_OPTIONS, FrozenProcess, FrozenThread, _task_state, deferred_signals,
                       freeze_process)
 from .images import open_chain
+from .images.pb import files_pb2
 from .images.format import KIND_DUMP
 from .inject import Injector, ProcMem
 from .kernel import procfs
@@ -838,6 +839,74 @@ def _trace_options(proc: FrozenProcess, seccomp: bool) -> None:
                                f"{os.strerror(exc.errno)}") from None
 
 
+STDIO_KINDS = ("pipe:", "/dev/pts/", "/dev/tty")
+
+
+def _stdio_fds(files) -> list:
+    """The dumped fds 0-2 that led outside the process: pipes and terminals."""
+    return [e for e in files.fds if e.fd in (0, 1, 2)
+            and (e.path.startswith(STDIO_KINDS) or e.type == 0)]
+
+
+def _stdio_plan(files, inherit: dict[str, int], stdio: str) -> tuple[dict[str, int], list[int]]:
+    """Stand-ins for the dumped fds 0-2 that led outside the process (pipes,
+    terminals), unless ``inherit`` names them: ``inherit``: the engine's own
+    0-2 (the restored program shares the caller's streams); ``null``:
+    /dev/null; a path: that file, appended to (created 0600), for output,
+    /dev/null for input; ``none``: no stand-in (a pipe end then refuses).
+    Returns ({dumped link: fd in the placeholder}, fds this opened)."""
+    keys: dict[str, int] = {}
+    opened: list[int] = []
+    if stdio == "none":
+        return keys, opened
+    for e in _stdio_fds(files):
+        if e.path in inherit or f"fd{e.fd}" in inherit or e.path in keys:
+            continue
+        if stdio == "inherit":
+            keys[e.path] = e.fd
+            continue
+        out = e.fd != 0
+        target = stdio if out and stdio != "null" else "/dev/null"
+        try:
+            fd = os.open(target, (os.O_WRONLY | os.O_APPEND | os.O_CREAT if out else
+                                  os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+        except OSError as exc:
+            for f in opened:
+                os.close(f)
+            raise UsageError(f"--stdio {stdio}: {exc.strerror}") from None
+        opened.append(fd)
+        keys[e.path] = fd
+    return keys, opened
+
+
+def _refuse_lone_pipe_ends(files, covered: dict[str, int], stdio: str) -> None:
+    """A pipe of which the process held only one end led to another process:
+    restored alone, its writes would die of SIGPIPE and its reads see EOF.
+    Refuse it, naming the fd and how to give it a stand-in."""
+    modes: dict[tuple[int, int], set[int]] = {}
+    first: dict[tuple[int, int], object] = {}
+    for e in files.fds:
+        if e.type != files_pb2.FD_PIPE or e.path in covered or f"fd{e.fd}" in covered:
+            continue
+        key = (e.dev, e.pipe_id)
+        acc = e.flags & os.O_ACCMODE
+        modes.setdefault(key, set()).update((os.O_RDONLY, os.O_WRONLY) if acc == os.O_RDWR
+                                            else (acc,))
+        first.setdefault(key, e)
+    for key, m in modes.items():
+        if len(m) == 2:
+            continue
+        e = first[key]
+        end = "read" if os.O_RDONLY in m else "write"
+        hint = f"--inherit-fd fd[N]:{e.path}"
+        if e.fd <= 2:
+            hint += " or --stdio inherit|null|FILE"
+        raise RestoreError(f"fd {e.fd} ({e.path}) is the {end} end of a pipe whose other end "
+                           f"is not in the process (another process held it): restored alone, "
+                           f"the program would see EOF or die of SIGPIPE; give it a stand-in: "
+                           f"{hint}")
+
+
 def _free_page(vmas) -> int:
     """The address of a page no VMA of the image covers (the highest hole
     below the highest VMA, above the usual mmap_min_addr)."""
@@ -881,7 +950,9 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
             restart_block: str = "eintr", sign_key: bytes | None = None,
-            action_scripts: list[str] | None = None) -> Restored:
+            action_scripts: list[str] | None = None, stdio: str | None = None) -> Restored:
+    # ``stdio``: "inherit" / "null" / a file path / "none", for the dumped fds
+    # 0-2 that were pipes or terminals (default: "inherit" with inherit_stdio)
     # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
     # (interrupt.py); the commit point is the thaw
     with stoppable():
@@ -889,11 +960,11 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
         return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
                         inherit_stdio=inherit_stdio, inherit=inherit,
                         restart_block=restart_block, sign_key=sign_key,
-                        action_scripts=action_scripts)
+                        action_scripts=action_scripts, stdio=stdio)
 
 
 def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
-             restart_block, sign_key=None, action_scripts=None) -> Restored:
+             restart_block, sign_key=None, action_scripts=None, stdio=None) -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
     ``detach``: reap the process in the background when it exits (else the
@@ -915,21 +986,26 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
             raise UsageError("--new-pids only for single-threaded processes: glibc caches "
                              "thread IDs (pthread_kill, robust mutexes would break)")
         inherit = dict(inherit or {})
-        pass_fds = tuple(sorted(set(inherit.values())))
-        keys = {}
-        if inherit_stdio:
-            for fd in rec["files"].fds:
-                if fd.fd in (0, 1, 2) and fd.path not in inherit and \
-                        (fd.path.startswith("pipe:") or fd.path.startswith("/dev/pts/")
-                         or fd.path.startswith("/dev/tty") or fd.type == 0):
-                    keys[fd.path] = fd.fd
+        stdio = stdio if stdio is not None else ("inherit" if inherit_stdio else "none")
+        keys, opened = _stdio_plan(rec["files"], inherit, stdio)
+        pass_fds = tuple(sorted(set(inherit.values()) | set(opened)))
+        try:
+            _refuse_lone_pipe_ends(rec["files"], {**inherit, **keys}, stdio)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
         if new_pids and pid_ns:
             raise UsageError("--new-pids and --pid-ns exclude each other")
         seccomp = any(c.seccomp_mode for c in rec["core"])
         spawned = _Spawned()
         try:
-            pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds, pid_ns,
-                                             spawned)
+            try:
+                pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds,
+                                                 pid_ns, spawned)
+            finally:
+                for fd in opened:   # the placeholder holds its own copies now
+                    os.close(fd)
             proc = freeze_process(pid)
             try:
                 _trace_options(proc, seccomp)

@@ -478,7 +478,7 @@ def test_pid_ns_restores_while_the_original_runs(rt, reaper):
     with Checkpointer(p.pid, images) as ck:
         ck.dump(leave_running=True)
     with pytest.raises(RestoreError, match="taken on this host.*--pid-ns"):
-        restore(images, inherit_stdio=False)
+        restore(images, stdio="null")
     ch2 = Channel()
     try:
         inherit = {_dumped_key(images, 0): ch2.in_r, _dumped_key(images, 1): ch2.out_w}
@@ -588,7 +588,7 @@ def test_failed_restore_leaves_nothing_and_names_the_object(spawn, python_exe, t
     t.proc.wait(5)
     before = _children()
     with pytest.raises(RestoreError, match=f"fd {fd}"):
-        restore(tmp_path / "img", inherit_stdio=False)
+        restore(tmp_path / "img", stdio="null")   # (its stdin pipe stood in for)
     assert _children() == before
     assert proc_state(t.pid) == ""  # the PID is free again: nothing half-restored holds it
 

@@ -109,9 +109,9 @@ def assert_refused_cleanly(images, pid: int, match: str) -> None:
     """Library: RestoreError and no process left; CLI: one line, exit 7."""
     before = _children()
     with pytest.raises(RestoreError, match=match):
-        restore(images, inherit_stdio=False)
+        restore(images, stdio="null")
     assert _children() == before and proc_state(pid) == ""
-    res = subprocess.run([*CLI, "restore", "-D", images, "--no-inherit-stdio"],
+    res = subprocess.run([*CLI, "restore", "-D", images, "--stdio", "null"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 7, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("checkpoint: error: "), \

@@ -27,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:KEY",
                    help="give the restored process this engine's fd N in place of the "
                         "dumped fd whose link was KEY (e.g. fd[3]:pipe:[1234])")
+    p.add_argument("--stdio", metavar="MODE", default=None,
+                   help="where the dumped fds 0-2 that were pipes or terminals go: inherit "
+                        "(this command's own; the default without -d), null (/dev/null), "
+                        "or a FILE (appended to); with -d there is no default: a dumped "
+                        "pipe or terminal on 0-2 needs --stdio or --inherit-fd")
     p.add_argument("--no-inherit-stdio", action="store_true",
                    help="do not hand this engine's stdin/stdout/stderr to the restored "
                         "process in place of dumped pipes and terminals on fds 0-2")
@@ -119,6 +124,20 @@ def notify_status(fd: int | None) -> None:
         raise UsageError(f"--status-fd {fd}: {exc.strerror}") from None
 
 
+def _stdio(args) -> str:
+    """The stdio contract: attached, the restored program shares this
+    command's streams (it runs in the foreground, the command waits for
+    it); detached, nothing is shared unless asked (the command exits at
+    once, and a caller reading its stdout would wait for the program)."""
+    if args.stdio is not None:
+        if args.no_inherit_stdio:
+            raise UsageError("--stdio and --no-inherit-stdio exclude each other")
+        return args.stdio
+    if args.no_inherit_stdio or args.restore_detached:
+        return "none"
+    return "inherit"
+
+
 def check_status_fd(fd: int | None) -> None:
     if fd is not None:
         try:
@@ -137,6 +156,7 @@ def run(args) -> int:
     check_status_fd(args.status_fd)
     r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
+                stdio=_stdio(args),
                 pid_ns=args.pid_ns,
                 restart_block=args.restart_block,
                 sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
