@@ -73,6 +73,7 @@ class DumpStats:
     bytes_raw: int
     bytes_stored: int
     path: str
+    layer_id: str = ""
 
     def as_json(self) -> dict:
         """The fields, plus the names every verb uses for the layer (``index``,
@@ -163,7 +164,8 @@ class Checkpointer:
             trees = [m for _, m in chain.records("pstree")]
             start = proc_obj.start_time(self.pid)
             if trees and (trees[0].pid != self.pid or trees[0].start_time != start):
-                raise ImageError(f"holds the chain of another process (PID {trees[0].pid})",
+                raise ImageError(f"holds the chain of another process (PID {trees[0].pid}); "
+                                 "give the previous checkpoint of this process",
                                  path=prev)
             paths = [layer.path for layer in chain.layers]
         for path in paths:
@@ -237,8 +239,8 @@ class Checkpointer:
                 if trees and (trees[0].pid != self.pid or trees[0].start_time != target_start):
                     raise ImageError(f"holds the chain of another process (PID {trees[0].pid}, "
                                      f"started at tick {trees[0].start_time}); target "
-                                     f"{self.pid} started at tick {target_start}",
-                                     path=self.images_dir)
+                                     f"{self.pid} started at tick {target_start}: use a new images "
+                                     "directory", path=self.images_dir)
                 for _, m in chain.records("tracker"):
                     if m.pid == self.pid:
                         saved = m
@@ -460,7 +462,8 @@ class Checkpointer:
                          pages_scanned=pages_scanned, pages_written=st.pages,
                          pages_skipped_parent=skipped,
                          pages_zero=st.pages_zero, pages_vanished=vanished,
-                         bytes_raw=st.bytes_raw, bytes_stored=st.bytes_stored, path=st.path)
+                         bytes_raw=st.bytes_raw, bytes_stored=st.bytes_stored, path=st.path,
+                         layer_id=st.layer_id)
 
     def _failed(self, writer, proc: FrozenProcess | None, exc: BaseException) -> None:
         """A round that did not publish its layer: drop the layer, release the

@@ -97,9 +97,11 @@ def describe(images_dir: str) -> dict:
         for layer in chain.layers:
             inv, tr, s = layer.inventory, layer.trailer, layer.stats
             layers.append({
-                "index": inv.index, "parent": prev, "id": inv.layer_id,
+                "index": inv.index, "parent": prev, "layer_id": inv.layer_id,
+                "id": inv.layer_id,
                 "parent_id": inv.parent_id or None, "kind": inv.kind, "tracker": inv.tracker,
                 "kernel_release": inv.kernel_release, "created_unix_ns": inv.created_unix_ns,
+                "path": os.path.abspath(layer.path),
                 "file": os.path.basename(layer.path), "file_bytes": layer.size,
                 "squashed_from": inv.squashed_first if inv.squashed else None,
                 "signed_with": layer.key_id,

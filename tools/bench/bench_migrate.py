@@ -71,7 +71,7 @@ def stop_the_world_once(mib: int, pct: float, work: str) -> float:
             raise SystemExit(f"dump failed: {d.stderr.strip()}")
         frozen = json.loads(d.stdout)["frozen_ms"]
         wl.proc.wait()
-        r = subprocess.run([CLI, "restore", "-D", images, "-d", "--json", "--no-inherit-stdio"],
+        r = subprocess.run([CLI, "restore", "-D", images, "-d", "--json", "--stdio", "null"],
                            capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"restore failed: {r.stderr.strip()}")
@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--percent", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--link", default=None, help="shape the veth, e.g. 1gbit")
+    ap.add_argument("--raw", metavar="FILE", help="append each migration's --json stats here")
     args = ap.parse_args()
     import pytest
     from netns import shape, two_hosts
@@ -110,6 +111,10 @@ def main() -> int:
               f"{'rounds':>6} {'sent/raw':>8} {'stw':>8} {'ratio':>6}")
         for mib in args.mib:
             runs = [migrate_once(src, dst, mib, args.percent, work) for _ in range(args.runs)]
+            if args.raw:
+                with open(args.raw, "a") as f:
+                    for r in runs:
+                        f.write(json.dumps({"mib": mib, **r}) + "\n")
             stw = [stop_the_world_once(mib, args.percent, work) for _ in range(args.runs)]
             down = median([r["downtime_ms"] for r in runs])
             pred = median([r["predicted_downtime_ms"] for r in runs])
