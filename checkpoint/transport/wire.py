@@ -58,7 +58,7 @@ class T(enum.IntEnum):
     REFUSE = 5       # either way: why not (then the connection closes)
     LAYER = 6        # client: a layer begins {index, kind}
     DATA = 7         # client: layer bytes
-    END = 8          # client: the layer ends {sha256, final}
+    END = 8          # client: the layer ends {bytes[, sha256 on a plain stream]}
     ACK = 9          # server: the layer is published {index}
     RUNNING = 10     # server: the restored process runs {pid, ...}
     DONE = 11        # client: the source process is gone; keep yours
@@ -143,6 +143,13 @@ class Conn:
     # -- MAC ------------------------------------------------------------------
     def use_session_key(self, key: bytes) -> None:
         self._mac_key = key
+
+    @property
+    def protected(self) -> bool:
+        """Every message is authenticated (a session MAC or TLS): a layer's
+        bytes need no digest of their own at its END, only their count."""
+        import ssl
+        return self._mac_key is not None or isinstance(self.sock, ssl.SSLSocket)
 
     def _tag(self, outgoing: bool, seq: int, head: bytes, parts) -> bytes:
         direction = b"C" if outgoing == self.client else b"S"
