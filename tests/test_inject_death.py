@@ -115,3 +115,24 @@ def test_engine_killed_at_every_injection_step(spawn, tmp_path, where):
         left = set(open(f"/proc/{pid}/maps").read().splitlines()) - maps_before
         assert not left, (k, points[k - 1], left)
     assert proc_state(pid) != ""
+
+
+def test_frame_claims_the_xsave_size_the_kernel_takes(spawn):
+    """The injector's hand-built frame says as much XSAVE state as the
+    kernel's own frames for that thread: a larger size (the regset's, on a
+    CPU with AMX) makes rt_sigreturn restore the legacy area only, and the
+    upper YMM halves of a thread returning through it become zero."""
+    from checkpoint.freezer import freeze
+    from checkpoint.kernel import ptrace as pt
+    from checkpoint.kernel import sigframe
+
+    t = spawn([build_target("frame_size", "-mavx")])
+    line = t.expect("FRAME")
+    kernel = {k: int(v) for k, v in (f.split("=") for f in line.split()[1:])}
+    assert kernel["magic1"] == sigframe.FP_XSTATE_MAGIC1, line
+    with freeze(t.pid):
+        xstate = pt.getregset(t.pid, pt.NT_X86_XSTATE)
+    size, xfeatures = sigframe.frame_size(xstate)
+    assert (size, xfeatures) == (kernel["size"], kernel["xfeatures"]), (len(xstate), line)
+    fp = sigframe.fpstate(xstate)
+    assert len(fp) == kernel["extended"]

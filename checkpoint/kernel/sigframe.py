@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import struct
 
+from . import cpuid
+
 UC_FP_XSTATE = 0x1
 UC_SIGCONTEXT_SS = 0x2
 UC_STRICT_RESTORE_SS = 0x4
@@ -47,6 +49,8 @@ _MCONTEXT = _UC + 40          # uc_flags, uc_link, uc_stack
 _SIGMASK = _MCONTEXT + 256
 _SW_BYTES = 464               # sw_reserved in the legacy FXSAVE area
 _XCR0_WORD = 464              # where the ptrace regset keeps XCR0 (xfeatures)
+_XSTATE_BV = 512              # the XSAVE header: which components are not in init state
+_XSAVE_MIN = 576              # legacy area and header
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 _U64 = (1 << 64) - 1
@@ -66,14 +70,36 @@ def restarted(regs) -> dict[str, int]:
     return out
 
 
-def fpstate(xstate: bytes) -> bytes:
-    """The XSAVE regset bytes as a signal frame's fpstate: sw bytes filled in,
-    MAGIC2 appended."""
-    size = len(xstate)
+def frame_size(xstate: bytes) -> tuple[int, int]:
+    """(bytes, xfeatures) of XSAVE state a frame for this thread may carry.
+
+    The kernel restores a frame's XSAVE state only when its size is no more
+    than the thread's own signal-frame size, else it takes the legacy FXSAVE
+    part alone and zeroes the upper YMM/ZMM halves. The regset is the
+    largest size the CPU has; a thread's frame leaves out the dynamic
+    (XFD) components, such as AMX tile data, unless the thread uses them
+    (then their bit is set in the XSAVE header). Layout from CPUID (cpuid.py).
+    """
     (xcr0,) = struct.unpack_from("<Q", xstate, _XCR0_WORD)
-    buf = bytearray(xstate)
-    buf[_SW_BYTES:_SW_BYTES + 48] = struct.pack("<IIQI28x", FP_XSTATE_MAGIC1, size + 4, xcr0,
-                                                size)
+    comps = cpuid.layout()
+    if not comps or len(xstate) < _XSAVE_MIN:
+        return len(xstate), xcr0
+    (xstate_bv,) = struct.unpack_from("<Q", xstate, _XSTATE_BV)
+    end, features = _XSAVE_MIN, xcr0 & 0b11
+    for i, (offset, size, dynamic) in comps.items():
+        if not xcr0 >> i & 1 or (dynamic and not xstate_bv >> i & 1):
+            continue
+        end, features = max(end, offset + size), features | 1 << i
+    return min(end, len(xstate)), features
+
+
+def fpstate(xstate: bytes) -> bytes:
+    """The XSAVE regset bytes as a signal frame's fpstate: cut to the size
+    the kernel takes (frame_size), sw bytes filled in, MAGIC2 appended."""
+    size, xfeatures = frame_size(xstate)
+    buf = bytearray(xstate[:size])
+    buf[_SW_BYTES:_SW_BYTES + 48] = struct.pack("<IIQI28x", FP_XSTATE_MAGIC1, size + 4,
+                                                xfeatures, size)
     return bytes(buf) + struct.pack("<I", FP_XSTATE_MAGIC2)
 
 
