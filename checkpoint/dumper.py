@@ -74,11 +74,17 @@ class DumpStats:
     bytes_stored: int
     path: str
     layer_id: str = ""
+    #: time.perf_counter() when the target was frozen for this round (its
+    #: dirty set was taken just after): the migration's dirty-rate clock
+    frozen_at: float = 0.0
+    #: time.perf_counter() when it was thawed (0: a final round)
+    thawed_at: float = 0.0
 
     def as_json(self) -> dict:
         """The fields, plus the names every verb uses for the layer (``index``,
         ``layer_id``) and CRIU's stats names and units (µs)."""
         d = asdict(self)
+        del d["frozen_at"], d["thawed_at"]     # this process's clock: no use outside
         d["index"] = self.layer
         for name in ("freezing", "frozen", "memdump", "memwrite"):
             d[f"{name}_time"] = int(round(d[f"{name}_ms"] * 1000))
@@ -356,7 +362,8 @@ class Checkpointer:
 
                 def thaw() -> None:
                     proc.thaw()
-                    thawed["ms"] = (time.perf_counter() - t_frozen) * 1e3
+                    thawed["at"] = time.perf_counter()
+                    thawed["ms"] = (thawed["at"] - t_frozen) * 1e3
                     log.info("thawed after %.2f ms; writing pages while it runs",
                              thawed["ms"])
                     faults.point("round.thawed")
@@ -463,7 +470,8 @@ class Checkpointer:
                          pages_skipped_parent=skipped,
                          pages_zero=st.pages_zero, pages_vanished=vanished,
                          bytes_raw=st.bytes_raw, bytes_stored=st.bytes_stored, path=st.path,
-                         layer_id=st.layer_id)
+                         layer_id=st.layer_id, frozen_at=t_frozen,
+                         thawed_at=thawed.get("at", 0.0))
 
     def _failed(self, writer, proc: FrozenProcess | None, exc: BaseException) -> None:
         """A round that did not publish its layer: drop the layer, release the

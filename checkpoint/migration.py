@@ -8,18 +8,17 @@ The policy (docs/migrate.md):
 - pre-dump rounds while the process runs; each round's layer is streamed,
   checked, published and applied on the destination before the next round;
 - after each round the downtime of stopping now is predicted, as QEMU does:
-  the pages the next round would carry (those dirtied meanwhile: about what
-  the last round carried, the process dirties at a steady rate) at the
-  measured end-to-end bandwidth, plus the fixed cost of a final round (the
-  freeze, the metadata, the state the destination adds: measured on the
-  first round and the destination's apply times). Switch over when the
-  prediction is within ``downtime_limit_ms``;
-- guards as P.Haul: at most ``max_rounds`` pre-dumps; a round that carried
-  64 pages or fewer ends the pre-copy; a round that grew more than 10% over
-  the one before (after the second) means the process dirties memory faster
-  than the link carries it: then stop-the-world, or with ``auto_converge``
+  the pages the final round would carry (the dirty rate between the last
+  two scans times the time since the last one) at the end-to-end rate the
+  last round measured after the thaw, plus the fixed cost of a final round
+  (the freeze, the metadata, the state the destination adds). Switch over
+  when the prediction is within ``downtime_limit_ms``;
+- guards: at most ``max_rounds`` pre-dumps; a round that carried 64 pages or
+  fewer ends the pre-copy (P.Haul); two rounds in a row that do not improve
+  the best prediction by 10% mean the process dirties memory faster than
+  the link carries it: then stop-the-world, or with ``auto_converge``
   throttle it (it stays frozen for part of each round, more each time the
-  rounds do not shrink) until they do;
+  predictions stall) until they improve;
 - the final round freezes the process, streams the last layer, and waits,
   still frozen, for the destination's RUNNING; only then is the source
   killed. Any failure before that thaws the source, which runs on; the
@@ -45,7 +44,6 @@ from .transport.wire import T
 
 log = logging.getLogger("checkpoint.migrate")
 SMALL_ROUND = 64          # pages: a round this small ends the pre-copy (P.Haul)
-GROWTH = 1.10             # a round growing more than this is not converging (P.Haul)
 THROTTLE_STEPS = (0.3, 0.6, 0.9)
 
 
@@ -162,30 +160,55 @@ def _rtt(conn) -> float:
 def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit: float,
              max_rounds: int, auto_converge: bool, bar: Progress) -> float:
     """The pre-dump rounds; returns the predicted downtime of stopping now."""
-    rate = 0.0                # end-to-end bytes/ms
-    prev_pages = None
+    rate = 0.0                # end-to-end bytes/ms once thawed: read, compress, send, ack
+    prev_scan = None          # when the previous round took its dirty set
+    best = float("inf")       # the best prediction so far
+    strikes = 0               # rounds in a row that did not improve on it
     throttle = 0
+    prev_pages = None
     predicted = float("inf")
     while stats.rounds < max_rounds:
         t0 = time.perf_counter()
         hold = THROTTLE_STEPS[throttle - 1] if throttle else 0.0
         st = ck.pre_dump(hold=hold) if hold else ck.pre_dump()
-        ms = (time.perf_counter() - t0) * 1e3
+        now = time.perf_counter()
+        ms = (now - t0) * 1e3
         stats.rounds += 1
         stats.pages_sent += st.pages_written
         stats.bytes_raw += st.bytes_raw
         stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored, ms, st.frozen_ms,
                                           hold))
-        moving = max(ms - st.frozen_ms, 1e-3)       # read + compress + send + apply
+        moving = max((now - (st.thawed_at or st.frozen_at)) * 1e3, 1e-3)
         if st.bytes_stored:
             rate = st.bytes_stored / moving
             stats.bandwidth_mbps = rate * 1e3 * 8 / 1e6
-        # the fixed cost of a final round: a round's freeze and metadata (the
-        # latest: the first also registers every VMA), plus what the
+        # the final round carries what is dirtied from this round's scan to
+        # the final freeze: the dirty rate seen between the last two scans
+        # (pages a ms: an upper bound, a dirty set grows slower than linearly)
+        # times the time since this scan
+        dirty_rate = None
+        if prev_scan is not None and not hold:
+            dirty_rate = st.pages_written / max((st.frozen_at - prev_scan) * 1e3, 1e-3)
+        prev_scan = st.frozen_at
+        # plus the fixed cost of a final round: a round's freeze and metadata
+        # (the latest: the first also registers every VMA), and what the
         # destination adds at the end (files, threads, credentials)
         fixed = st.frozen_ms + FINAL_EXTRA_MS
         per_page = (st.bytes_stored / st.pages_written) if st.pages_written else 0.0
-        predicted = fixed + (st.pages_written * per_page / rate if rate else 0.0)
+
+        def predict() -> float:
+            since = (time.perf_counter() - st.frozen_at) * 1e3
+            pages = st.pages_written if dirty_rate is None else \
+                min(st.pages_written, dirty_rate * since)
+            return fixed + (pages * per_page / rate if rate else 0.0)
+
+        predicted = predict()
+        if predicted <= 2 * limit:
+            # close: the final freeze waits until the destination has applied
+            # this layer (migrate()); that wait is part of what the final
+            # round carries, so take it now and predict again
+            chain.wait_applied(chain.index - 1)
+            predicted = predict()
         bar.note(f"round {stats.rounds}: {st.pages_written} pages, {ms:.0f} ms, "
                  f"{stats.bandwidth_mbps:.0f} Mbit/s, predicted downtime {predicted:.1f} ms")
         log.info("round %d: %d pages in %.1f ms (frozen %.1f); predicted downtime %.1f ms",
@@ -196,28 +219,38 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         if st.pages_written <= SMALL_ROUND:
             stats.reason = f"a round of {st.pages_written} pages"
             return predicted
-        growing = prev_pages is not None and stats.rounds > 2 and \
-            st.pages_written > prev_pages * GROWTH
-        shrinking = prev_pages is None or st.pages_written < prev_pages
-        # throttled, the rounds must shrink by a quarter each, or it tightens
+        # converging means the prediction keeps improving; a round may be
+        # longer than the one before for a reason of its own (it waited for
+        # the destination to apply a big layer), so one round without
+        # progress is forgiven, two in a row are not (or, throttled, the
+        # rounds must also shrink by a quarter each, else it tightens)
+        improved = predicted < best * IMPROVE
+        best = min(best, predicted)
+        strikes = 0 if improved else strikes + 1
         slow = throttle and prev_pages is not None and st.pages_written > prev_pages * 0.75
         prev_pages = st.pages_written
-        if growing or slow or (not shrinking and stats.rounds > 2):
+        if strikes >= 2 or slow:
+            strikes = 0
             if auto_converge and throttle < len(THROTTLE_STEPS):
                 throttle += 1
+                best = float("inf")
                 log.info("not converging: throttling the process to %d%% frozen",
                          THROTTLE_STEPS[throttle - 1] * 100)
                 continue
-            if throttle and not growing and shrinking:
-                continue     # at the tightest throttle, still shrinking: go on
+            if throttle and improved:
+                continue     # at the tightest throttle, still improving: go on
             stats.converged = False
             stats.reason = ("the process dirties memory faster than the link carries it "
-                            "(rounds stopped shrinking)" + ("" if auto_converge else
-                                                            "; --auto-converge throttles it"))
+                            "(the predicted downtime stopped improving)" +
+                            ("" if auto_converge else "; --auto-converge throttles it"))
             return predicted
     stats.converged = predicted <= limit
     stats.reason = stats.reason or f"{max_rounds} rounds (--max-rounds)"
     return predicted
 
 
-FINAL_EXTRA_MS = 20.0
+IMPROVE = 0.9             # a round must improve the best prediction by 10% to count
+# what a final round costs beyond a pre-dump's freeze and its pages, measured
+# on this project's benchmarks: ~15 ms of the dump's own state on the source
+# (files, threads, signals), ~15 ms for the destination's finish
+FINAL_EXTRA_MS = 30.0
