@@ -100,7 +100,8 @@ class Checkpointer:
                  freeze_timeout: float = 5.0, on_frozen=None, store=None,
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
-                 action_scripts: list[str] | None = None, file_locks: bool = False):
+                 action_scripts: list[str] | None = None, file_locks: bool = False,
+                 skip_children: bool = False):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -131,6 +132,8 @@ class Checkpointer:
         self.external_fds = external_fds
         #: dump file locks and take them again at restore (CRIU's --file-locks)
         self.file_locks = file_locks
+        #: dump a process that has children alone (they are not in the image)
+        self.skip_children = skip_children
         self.progress = progress
         self.freeze_timeout = freeze_timeout
         #: called as on_frozen(frozen_process) inside every freeze, after the
@@ -335,6 +338,7 @@ class Checkpointer:
                     self._learn_vmflags(procfs.read_maps(self.pid))
                 except CheckpointError:
                     pass  # (not permitted, gone): the freeze says so, in its words
+            proc_obj.zombie_leader(self.pid)
             t_frozen = time.perf_counter()
             proc = freeze_process(self.pid, self.freeze_timeout)
             try:
@@ -515,6 +519,9 @@ class Checkpointer:
         else:  # the flags the restore needs (growsdown, noreserve) for every VMA
             self._learn_vmflags(vmas)
             vmas = [procfs.with_flags(v, self._vmflags[_flag_key(v)]) for v in vmas]
+        proc_obj.refuse_sysv_shm(vmas)
+        # in pre-dumps too: a migration learns it before it copies anything
+        proc_obj.refuse_children(pid, proc.tids, self.skip_children)
         out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
         if final:

@@ -51,8 +51,11 @@ from .kernel import ptrace as pt
 from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
+from .objects import sched as sched_obj
+from .objects import session as session_obj
 from .objects.files import open_path, premake_memfds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
+from .progress import Progress
 
 PAGE = procfs.PAGE_SIZE
 TASK_SIZE = 0x7FFF_FFFF_F000
@@ -122,7 +125,7 @@ class Restored:
 
     def _decode(self, status: int) -> int:
         code = os.waitstatus_to_exitcode(status)
-        if self.pid_ns and code > 128:  # the namespace's keeper passes 128 + signal on
+        if self.waiter != self.pid and code > 128:  # a keeper passes 128 + signal on
             return 128 - code
         return code
 
@@ -228,13 +231,19 @@ def _die_with_parent(parent: int) -> None:  # pragma: no cover - in a fresh chil
         os._exit(NS_EXIT_OTHER)
 
 
-def _exec_placeholder(exe: str, pass_fds: tuple[int, ...], parent: int) -> None:  # pragma: no cover
+def _exec_placeholder(exe: str, pass_fds: tuple[int, ...], parent: int,
+                      session: "session_obj.Plan | None" = None) -> None:  # pragma: no cover
     """In a fresh child: become the placeholder program (never returns). It
     dies with its parent (the engine, or the PID namespace's init) until
     the build sets the dumped parent-death signal as one of its last steps;
     once the engine seized it, PTRACE_O_EXITKILL covers the same."""
     try:
         _die_with_parent(parent)
+        if session is not None:
+            try:
+                session.apply()
+            except OSError:
+                os._exit(NS_EXIT_SESSION)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(s, signal.SIG_DFL)
@@ -245,21 +254,26 @@ def _exec_placeholder(exe: str, pass_fds: tuple[int, ...], parent: int) -> None:
         os._exit(127)
 
 
-NS_EXIT_EPERM, NS_EXIT_OTHER = 121, 122
+NS_EXIT_EPERM, NS_EXIT_OTHER, NS_EXIT_SESSION = 121, 122, 123
 
 
 KEEPER_RELEASE = signal.SIGUSR1
 
 
 def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
-                  ack: int) -> None:  # pragma: no cover
+                  ack: int, session: "session_obj.Plan | None" = None,
+                  keeper_sid: int = 0) -> None:  # pragma: no cover
     """In a fresh child of the engine: a new PID namespace whose init starts
     the placeholder with ns-PID ``pid`` and lives as long as it does,
     exiting with its status (128 + signal when it was killed).
 
     The keeper (this process) dies with the engine until the engine, the
     build done, sends it KEEPER_RELEASE (it answers on ``ack``); the init
-    dies with the keeper (and with it, the whole namespace)."""
+    dies with the keeper (and with it, the whole namespace).
+
+    With ``keeper_sid`` there is no new namespace: the keeper (started with
+    that PID) makes a new session and is the placeholder's parent itself
+    (session.py)."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         _die_with_parent(engine)
@@ -269,6 +283,8 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
             os.write(ack, b"k")
         signal.signal(KEEPER_RELEASE, release)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {KEEPER_RELEASE})
+        if keeper_sid:
+            _session_keeper(pid, exe, pass_fds, ack, session)
         if libc.unshare(CLONE_NEWPID) != 0:
             os._exit(NS_EXIT_EPERM if ctypes.get_errno() == errno.EPERM else NS_EXIT_OTHER)
         keeper = pidfd_open(os.getpid())  # init sees no PID of its parent (another namespace)
@@ -290,6 +306,8 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
         signal.signal(KEEPER_RELEASE, signal.SIG_DFL)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             os._exit(NS_EXIT_OTHER)
+        if session is None or not session.shell_job:
+            os.setsid()  # not in the restorer's session (session.py)
         import select
         if select.select([keeper], [], [], 0)[0]:  # the keeper died before that: go too
             os._exit(NS_EXIT_OTHER)
@@ -299,13 +317,42 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
         except RestoreError as exc:
             os._exit(NS_EXIT_EPERM if "not permitted" in str(exc) else NS_EXIT_OTHER)
         if child == 0:
-            _exec_placeholder(exe, pass_fds, 1)  # the namespace's init is PID 1
+            _exec_placeholder(exe, pass_fds, 1, session)  # the namespace's init is PID 1
         _close_all_but(set())
         while True:  # the namespace's init: reap everything, leave with the placeholder
             got, status = os.waitpid(-1, 0)
             if got == child:
                 code = os.waitstatus_to_exitcode(status)
                 os._exit(code if code >= 0 else 128 - code)
+    finally:
+        os._exit(NS_EXIT_OTHER)
+
+
+def _session_keeper(pid: int, exe: str, pass_fds: tuple[int, ...], ack: int,
+                    session: "session_obj.Plan") -> None:  # pragma: no cover
+    """The keeper of a session whose leader is gone (session.py): in the
+    child the engine started with the session's PID, make the session, start
+    the placeholder with ``pid``, live as long as it does, exit with its
+    status (128 + signal when it was killed)."""
+    try:
+        os.setsid()
+        _close_all_but({0, 1, 2, ack, *pass_fds})
+        me = os.getpid()
+        try:
+            child = _clone_with_pid(pid)
+        except RestoreError as exc:
+            os._exit(NS_EXIT_EPERM if "not permitted" in str(exc) else NS_EXIT_OTHER)
+        if child == 0:
+            _exec_placeholder(exe, pass_fds, me, session)
+        _close_all_but({ack})
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
     finally:
         os._exit(NS_EXIT_OTHER)
 
@@ -369,7 +416,8 @@ class _Spawned:
 
 
 def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
-                       pid_ns: bool = False, spawned: _Spawned | None = None) -> tuple[int, int]:
+                       pid_ns: bool = False, spawned: _Spawned | None = None,
+                       session: "session_obj.Plan | None" = None) -> tuple[int, int]:
     """Start the placeholder with PID ``pid`` (clone3 set_tid; in a new PID
     namespace with ``pid_ns``) or any PID. Returns (placeholder PID as the
     engine sees it, the engine's child to wait for) once the placeholder
@@ -381,14 +429,15 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
         raise RestoreError(f"placeholder program {PLACEHOLDER[0]!r} not found in PATH")
     spawned = spawned if spawned is not None else _Spawned()
     me = os.getpid()
+    keeper_sid = session.keeper_sid if session is not None and not pid_ns else 0
     with deferred_signals():
-        if pid_ns:
+        if pid_ns or keeper_sid:
             ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
             try:
-                waiter = os.fork()
+                waiter = _clone_with_pid(keeper_sid) if keeper_sid else os.fork()
                 if waiter == 0:  # pragma: no cover
                     os.close(ack_r)
-                    _pid_ns_child(pid, exe, pass_fds, me, ack_w)
+                    _pid_ns_child(pid, exe, pass_fds, me, ack_w, session, keeper_sid)
             finally:
                 os.close(ack_w)
             spawned.waiter, spawned.ack = waiter, ack_r
@@ -396,11 +445,14 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
         else:
             waiter = child = os.fork() if pid is None else _clone_with_pid(pid)
             if child == 0:  # pragma: no cover - the child: become the placeholder
-                _exec_placeholder(exe, pass_fds, me)
+                _exec_placeholder(exe, pass_fds, me, session)
             spawned.pid = spawned.waiter = child
     deadline = time.monotonic() + 5
     while True:
-        if child is None:  # find it: the child of the namespace's init
+        if child is None and keeper_sid:  # the keeper's child
+            kids = _children(waiter)
+            child = kids[0] if kids else None
+        elif child is None:  # find it: the child of the namespace's init
             for init in _children(waiter):
                 kids = _children(init)
                 child = kids[0] if kids else None
@@ -417,6 +469,10 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
             if code == NS_EXIT_EPERM:
                 raise RestoreError("not permitted to create a PID namespace or choose PIDs "
                                    "in it (needs CAP_SYS_ADMIN, or a user namespace)")
+            if code == NS_EXIT_SESSION:
+                raise RestoreError(f"the placeholder could not take its session and process "
+                                   f"group ({session.how if session else '?'}): restore "
+                                   "with --shell-job (it joins this session) or --pid-ns")
             raise RestoreError(f"the placeholder process did not start (status {code})")
         if time.monotonic() > deadline:
             _kill_reap(waiter)
@@ -485,6 +541,9 @@ class _Builder:
         #: memfds the fd room made before the mappings of them: (dev, inode) -> fd
         self.premade: dict[tuple[int, int], int] = {}
         self._engine_tid: dict[int, int] = {}  # dumped TID -> TID as the engine sees it
+        self.session: session_obj.Plan | None = None  # set by the caller that spawned it
+        #: a progress bar of the pages on a terminal (None: when stderr is one)
+        self.progress: bool | None = False
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -543,6 +602,9 @@ class _Builder:
                           premade=self.premade)
         self._what = "process attributes"
         self._process_attrs(r)
+        if self.session is not None:
+            self._what = "controlling terminal"
+            session_obj.take_terminal(r, self.pid, self.session)
         self._what = f"thread {leader}"
         self._thread_state(r, cores[leader])
         for tid in rec["pstree"].threads:
@@ -695,12 +757,19 @@ class _Builder:
                        and not (v.flags & 0x01 and v.path.startswith("/memfd:")
                                 and (v.dev, v.inode) in self.premade))
         fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
-        for run in self.chain.iter_runs(pid, zero_data=False, within=spans):
-            if run.zero:
-                continue  # fresh mappings are zero, or show their file
-            if os.pwrite(fd, run.data, run.addr) != len(run.data):
-                raise RestoreError(f"short write of pages at {run.addr:#x}")
-            self.pages += run.npages
+        progress = Progress("restore", enabled=self.progress)
+        try:
+            if progress.enabled:
+                progress.total(self.chain.data_pages(pid, spans))
+            for run in self.chain.iter_runs(pid, zero_data=False, within=spans):
+                if run.zero:
+                    continue  # fresh mappings are zero, or show their file
+                if os.pwrite(fd, run.data, run.addr) != len(run.data):
+                    raise RestoreError(f"short write of pages at {run.addr:#x}")
+                self.pages += run.npages
+                progress.advance(run.npages)
+        finally:
+            progress.close()
 
     def _set_mm(self, r: Injector, privs) -> None:
         mm, p = self.rec["mm"], self.rec["process"]
@@ -743,6 +812,7 @@ class _Builder:
 
     def _process_attrs(self, r: Injector) -> None:
         p = self.rec["process"]
+        sched_obj.restore_oom(p, self.pid)
         r.call("personality", p.personality)
         for lim in p.rlimits:
             r.write(r.scratch, struct.pack("<QQ", lim.cur, lim.max))
@@ -769,6 +839,8 @@ class _Builder:
         if core.rseq.rseq_abi_pointer:
             r.call("rseq", core.rseq.rseq_abi_pointer, core.rseq.rseq_abi_size, 0,
                    core.rseq.signature)
+        # still with the restorer's credentials: never more than the caller has
+        sched_obj.restore_sched(r, core)
 
     def _final_state(self, core):
         regs = pt.user_regs_struct.from_buffer_copy(core.gpregs)
@@ -950,7 +1022,12 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
             restart_block: str = "eintr", sign_key: bytes | None = None,
-            action_scripts: list[str] | None = None, stdio: str | None = None) -> Restored:
+            action_scripts: list[str] | None = None, stdio: str | None = None,
+            shell_job: bool = False, progress: bool | None = False) -> Restored:
+    # ``progress``: a bar of the pages written on stderr (None: when it is a
+    # terminal; the CLI's default, off with --json)
+    # ``shell_job``: join this session as a job (CRIU's -j), not the dumped
+    # session (objects/session.py)
     # ``stdio``: "inherit" / "null" / a file path / "none", for the dumped fds
     # 0-2 that were pipes or terminals (default: "inherit" with inherit_stdio)
     # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
@@ -960,11 +1037,13 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
         return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
                         inherit_stdio=inherit_stdio, inherit=inherit,
                         restart_block=restart_block, sign_key=sign_key,
-                        action_scripts=action_scripts, stdio=stdio)
+                        action_scripts=action_scripts, stdio=stdio, shell_job=shell_job,
+                        progress=progress)
 
 
 def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
-             restart_block, sign_key=None, action_scripts=None, stdio=None) -> Restored:
+             restart_block, sign_key=None, action_scripts=None, stdio=None,
+             shell_job=False, progress=False) -> Restored:
     """Restore the process in ``images_dir``; returns once it runs.
 
     ``detach``: reap the process in the background when it exits (else the
@@ -997,12 +1076,16 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
             raise
         if new_pids and pid_ns:
             raise UsageError("--new-pids and --pid-ns exclude each other")
+        session = session_obj.plan(tree.pid, tree.sid, tree.pgid, shell_job=shell_job,
+                                   pid_ns=pid_ns, new_pids=new_pids,
+                                   tty_nr=rec["process"].tty_nr)
+        log.info("session and group: %s", session.how)
         seccomp = any(c.seccomp_mode for c in rec["core"])
         spawned = _Spawned()
         try:
             try:
                 pid, waiter = _spawn_placeholder(None if new_pids else tree.pid, pass_fds,
-                                                 pid_ns, spawned)
+                                                 pid_ns, spawned, session)
             finally:
                 for fd in opened:   # the placeholder holds its own copies now
                     os.close(fd)
@@ -1013,6 +1096,7 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
                 # placeholder holds them (its own 0-2, or the passed ones)
                 placeholder_inherit = {**keys, **inherit}
                 b = _Builder(chain, rec, proc, placeholder_inherit, restart_block)
+                b.session, b.progress = session, progress
                 b._what = "start"
                 try:
                     b.run()

@@ -41,6 +41,7 @@ from .images import format as F
 from .inject import Injector
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
+from .objects import session as session_obj
 
 log = logging.getLogger("checkpoint.stager")
 PAGE = R.PAGE
@@ -174,12 +175,16 @@ class Stager:
         proc_obj.validate(rec["process"], [], proc_obj.caller_creds())
         pass_fds = tuple(sorted(set(self.inherit.values())))
         self.spawned = R._Spawned()
-        pid, waiter = R._spawn_placeholder(rec["pstree"].pid, pass_fds, self.pid_ns,
-                                           self.spawned)
+        tree = rec["pstree"]
+        session = session_obj.plan(tree.pid, tree.sid, tree.pgid, pid_ns=self.pid_ns,
+                                   tty_nr=rec["process"].tty_nr)
+        pid, waiter = R._spawn_placeholder(tree.pid, pass_fds, self.pid_ns, self.spawned,
+                                           session)
         self.pid, self.waiter = pid, waiter
         self.proc = freeze_process(pid)
         R._trace_options(self.proc, False)
         self.builder = R._Builder(None, rec, self.proc, self.inherit, self.restart_block)
+        self.builder.session = session
         with Injector(self.proc, pid, safe=False) as r:
             self.builder.begin(r)
         self.mapped = {}

@@ -419,6 +419,41 @@ def test_cli_dump_and_restore(rt, reaper):
     ch.send("quit\n")
 
 
+def test_cli_restore_shows_progress_on_a_terminal_only(rt, reaper):
+    """A restore's page writing shows a bar on a terminal; with --json (or
+    piped) it stays silent."""
+    import pty
+    p, ch, tmp = rt
+    images = tmp / "img"
+    cli = [sys.executable, "-m", "checkpoint"]
+    subprocess.run([*cli, "dump", "-t", str(p.pid), "-D", images], check=True,
+                   capture_output=True)
+    killed(p)
+    fds = (ch.in_r, ch.out_w)
+    args = [*cli, "restore", "-D", images, "-d", "--no-inherit-stdio",
+            f"--inherit-fd=fd[{fds[0]}]:{_dumped_key(images, 0)}",
+            f"--inherit-fd=fd[{fds[1]}]:{_dumped_key(images, 1)}"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stderr=slave, stdout=subprocess.PIPE, pass_fds=fds)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(30) == 0, out
+    os.close(master)
+    reaper.append(p.pid)
+    text = out.decode(errors="replace")
+    assert "restore: [" in text and "100.0%" in text, text
+    check_ok(ch, p.pid)
+    ch.send("quit\n")
+
+
 def _dumped_key(images, fd: int) -> str:
     with open_chain(images) as chain:
         files = [m for _, m in chain.records("files")][0]

@@ -42,6 +42,10 @@ def _common(p) -> None:
                         "them again at restore; without it a target holding one is refused. "
                         "The locks are let go when the target dies: another process may take "
                         "them before the restore (which then fails)")
+    p.add_argument("--skip-children", action="store_true",
+                   help="dump a process that has child processes alone: the children are "
+                        "not in the image and keep running; the restored process has none "
+                        "(without it such a process is refused: trees are not dumped yet)")
 
 
 def register(sub) -> None:
@@ -72,6 +76,7 @@ def run(args) -> int:
                       max_pages=args.max_pages,
                       external_fds=getattr(args, "external_fds", False),
                       file_locks=args.file_locks,
+                      skip_children=args.skip_children,
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                       prev_images_dir=args.prev_images_dir,
                       action_scripts=args.action_script,

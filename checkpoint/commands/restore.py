@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="let the kernel pick the PID (single-threaded processes only)")
     p.add_argument("--pid-ns", action="store_true",
                    help="restore into a new PID namespace, where the original PIDs are free")
+    p.add_argument("-j", "--shell-job", action="store_true",
+                   help="join this shell's session as a job (its own process group if it "
+                        "led one) instead of the dumped session")
     p.add_argument("--restart-block", choices=["eintr", "reissue"], default="eintr",
                    help="a sleep interrupted by the dump returns EINTR (as CRIU) or is "
                         "issued again")
@@ -157,7 +160,8 @@ def run(args) -> int:
     r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 stdio=_stdio(args),
-                pid_ns=args.pid_ns,
+                pid_ns=args.pid_ns, shell_job=args.shell_job,
+                progress=False if args.json else None,
                 restart_block=args.restart_block,
                 sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                 action_scripts=args.action_script)

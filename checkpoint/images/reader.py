@@ -906,6 +906,14 @@ class Chain:
         """:meth:`segments` as a list."""
         return list(self.segments(pid))
 
+    def data_pages(self, pid: int, within=None) -> int:
+        """How many data pages (not zero) :meth:`iter_runs` yields for ``pid``
+        (a progress bar's total): one walk of the segments, no frame read."""
+        segs = self.segments(pid)
+        if within is not None:
+            segs = _clip(segs, _spans(within, self.page_size))
+        return sum(e - s for s, e, _, fno, _ in segs if fno >= 0) // self.page_size
+
     def iter_runs(self, pid: int, *, zero_data: bool = True, max_run: int = 1 << 20,
                   within=None) -> Iterator[PageRun]:
         """All pages of ``pid`` in address order: data runs of at most

@@ -12,6 +12,7 @@ from ..errors import CheckpointError, RestoreError, UnsupportedObject
 from ..images.pb import process_pb2, pstree_pb2
 from ..inject import Injector
 from ..kernel import procfs
+from . import sched
 
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_SECUREBITS = 2, 3, 27
 RLIM_INFINITY = (1 << 64) - 1
@@ -53,7 +54,7 @@ def dump_process(remote: Injector, vdso: dict) -> process_pb2.ProcessEntry:
     st, ss = procfs.read_stat(pid), procfs.read_status(pid)
     p = process_pb2.ProcessEntry(pid=pid, start_time=st.starttime, comm=st.comm,
                                  pgid=st.pgrp, sid=st.session, ppid=st.ppid,
-                                 umask=ss.umask or 0, **vdso)
+                                 umask=ss.umask or 0, tty_nr=st.tty_nr, **vdso)
     try:
         p.exe_path = os.readlink(f"/proc/{pid}/exe")
         est = os.stat(f"/proc/{pid}/exe")
@@ -84,6 +85,7 @@ def dump_process(remote: Injector, vdso: dict) -> process_pb2.ProcessEntry:
     remote.call("prctl", PR_GET_PDEATHSIG, remote.scratch, 0, 0, 0)
     p.pdeath_signal = int.from_bytes(remote.read(remote.scratch, 4), "little", signed=True)
     _same_creds_in_every_thread(pid, ss)
+    sched.dump_oom(p, pid)
     return p
 
 
@@ -254,9 +256,12 @@ def validate(p: process_pb2.ProcessEntry, cores, caller: Creds) -> None:
         bad("dumpable", f"{p.dumpable}, expected 0, 1 or 2")
     if not 0 <= p.pdeath_signal <= NSIG:
         bad("pdeath_signal", f"{p.pdeath_signal} is no signal")
+    if p.has_oom_score_adj and not -1000 <= p.oom_score_adj <= 1000:
+        bad("oom_score_adj", f"{p.oom_score_adj}, expected -1000..1000")
     from .threads import check_seccomp
     for core in cores:
         check_seccomp(core)
+        sched.validate(core)
 
     # never more than the caller has
     def refuse(what: str):
@@ -468,3 +473,95 @@ def check_applied(pid: int, tid: int, dumped: Creds, nnp: bool, seccomp_mode: in
     if diffs:
         raise RestoreError(f"thread {tid}: after restoring its credentials the kernel shows "
                            f"other {', '.join(diffs)}")
+
+
+# --------------------------------------------------------------------------
+# what a single-process dump refuses by name
+
+
+def zombie_leader(pid: int) -> None:
+    """A thread group whose leader called pthread_exit while other threads
+    run on: its leader is a zombie, which ptrace cannot stop or inject
+    into; refused with that reason (not 'exited during the dump')."""
+    try:
+        state = procfs.read_stat(pid).state
+        others = [t for t in procfs.list_tasks(pid) if t != pid]
+    except CheckpointError:
+        return
+    if state == "Z" and others:
+        raise UnsupportedObject(f"the main thread of process {pid} has exited while "
+                                f"{len(others)} other thread(s) run on (a zombie thread-group "
+                                "leader): not supported")
+
+
+def children(pid: int, tids) -> list[int]:
+    out: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def refuse_children(pid: int, tids, skip: bool) -> None:
+    """Process trees are not dumped yet: a process with children (zombies
+    included) is refused unless ``skip`` (--skip-children) accepts that
+    the restored process has none."""
+    kids = children(pid, tids)
+    if not kids or skip:
+        return
+    named = []
+    for k in kids[:5]:
+        try:
+            st = procfs.read_stat(k)
+            named.append(f"{k} ({st.comm}{', a zombie' if st.state == 'Z' else ''})")
+        except CheckpointError:
+            named.append(str(k))
+    more = f" and {len(kids) - 5} more" if len(kids) > 5 else ""
+    raise UnsupportedObject(
+        f"process {pid} has child process{'es' if len(kids) > 1 else ''} "
+        f"{', '.join(named)}{more}: process trees are not dumped; --skip-children dumps "
+        f"{pid} alone (its children are not in the image and keep running; the restored "
+        "process has no children)")
+
+
+SHM_DEST = 0o1000
+
+
+def _sysv_segments() -> dict[int, tuple[int, int]]:
+    """shmid -> (perms, nattch) from /proc/sysvipc/shm."""
+    out = {}
+    try:
+        with open("/proc/sysvipc/shm") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return out
+    for row in rows:
+        col = row.split()
+        out[int(col[1])] = (int(col[2], 8), int(col[6]))
+    return out
+
+
+def refuse_sysv_shm(vmas) -> None:
+    """A SysV shared memory segment attached (shmat): its pages are the IPC
+    namespace's segment, which others may attach; a copy would silently stop
+    being shared. The one case restored is a segment already removed
+    (IPC_RMID) that this process alone has attached: nobody else can reach
+    it, so it is this process's shared memory like a MAP_SHARED|MAP_ANONYMOUS
+    mapping, and is restored as one, with its content."""
+    segs = None
+    for v in vmas:
+        if not v.path.startswith("/SYSV"):
+            continue
+        segs = _sysv_segments() if segs is None else segs
+        perms, nattch = segs.get(v.inode, (0, 0))
+        if perms & SHM_DEST and nattch == 1:
+            continue
+        key = v.path[5:13]
+        why = "attached by other processes too" if nattch > 1 else "not removed (IPC_RMID)"
+        raise UnsupportedObject(
+            f"SysV shared memory segment (key 0x{key}, shmid {v.inode}) attached at "
+            f"{v.start:#x}-{v.end:#x}, {why}: not supported (its pages are the segment's, "
+            "which others can attach; a removed segment only this process holds is restored)")

@@ -13,6 +13,7 @@ from ..images.pb import core_pb2
 from ..inject import Injector
 from ..kernel import procfs
 from ..kernel import ptrace as pt
+from . import sched
 from ..kernel.syscalls import NR, raw_syscall
 
 PR_GET_TID_ADDRESS = 40
@@ -90,6 +91,7 @@ def dump_thread(remote: Injector) -> core_pb2.CoreEntry:
     core.no_new_privs = bool(remote.call("prctl", PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
     status = procfs.read_status(pid, tid)
     core.seccomp_mode = int(status.raw.get("Seccomp", "0"))
+    sched.dump_sched(core, tid)
     if core.seccomp_mode == SECCOMP_MODE_FILTER:
         for insns, flags in seccomp_filters(tid):
             core.seccomp_filters.add(insns=insns, flags=flags)
