@@ -77,7 +77,7 @@ def test_timers_keep_firing_after_restore(run_all):
     run = run_all
     assert run.ch.ask("check", "STATE") == "STATE OK"
     with open(f"/proc/{run.pid}/timers") as f:
-        before = timers.parse_timers(f.read())
+        before = sorted(timers.parse_timers(f.read()))
     run.dump()
     p = run.process()
     assert {t.which: t.interval_us for t in p.itimers} == {0: 50_000, 1: 70_000, 2: 110_000}
@@ -94,7 +94,8 @@ def test_timers_keep_firing_after_restore(run_all):
     assert r.pid == run.pid
     with open(f"/proc/{r.pid}/timers") as f:
         # ids, signals, values, tids, clocks
-        assert sorted(timers.parse_timers(f.read())) == sorted(before)
+        after = sorted(timers.parse_timers(f.read()))
+    assert after == before, (after, before)
     assert run.ch.ask("check", "STATE") == "STATE OK"
 
 
