@@ -16,7 +16,7 @@ import time
 import pytest
 
 from checkpoint.dumper import Checkpointer
-from checkpoint.errors import RestoreError
+from checkpoint.errors import RestoreError, UnsupportedObject
 from checkpoint.images import open_chain
 from checkpoint.objects import timers
 from checkpoint.restorer import restore
@@ -111,6 +111,16 @@ def test_oneshot_itimer_expiring_during_the_dump_fires_after_restore(tmp_path, r
     assert not run.signals().shared_pending_siginfo
     run.restore()
     assert run.ch.ask("check", "STATE") == "STATE OK"  # exactly one SIGALRM, disarmed
+
+
+def test_timer_on_another_process_cpu_clock_refused(tmp_path, reaper):
+    run = Run("foreign", tmp_path, reaper)
+    with pytest.raises(UnsupportedObject, match=rf"POSIX timer {run.info['id']} of process "
+                       rf"{run.pid} runs on the CPU clock of process {os.getpid()}"):
+        run.dump()
+    assert run.p.poll() is None  # the failed dump let it run on
+    assert not os.path.exists(run.images) or not os.listdir(run.images)
+    run.ch.close()
 
 
 def _signalling(p):

@@ -5,6 +5,7 @@ firing after a restore.
                               (SIGEV_SIGNAL on two clocks, SIGEV_THREAD_ID to a
                               helper thread, a SIGEV_NONE one-shot)
     timers_target.py oneshot  on "arm": a 0.3 s one-shot ITIMER_REAL only
+    timers_target.py foreign  a timer on its parent's CPU clock (refused at dump)
 
 Prints READY {json}; on "check" it verifies its own timers for a second of
 busy time and prints STATE OK or STATE BAD reasons. The main loop burns CPU
@@ -153,6 +154,8 @@ def main() -> None:
     info = setup_all() if mode == "all" else {}
     if mode == "oneshot":
         signal.signal(signal.SIGALRM, count)
+    if mode == "foreign":  # MAKE_PROCESS_CPUCLOCK(ppid, CPUCLOCK_SCHED)
+        info["id"] = timer_create(~os.getppid() << 3 | 2, SIGEV_NONE, 0, 0)
     print("READY " + json.dumps(info), flush=True)
     stdin = sys.stdin.fileno()
     buf = b""
