@@ -41,6 +41,7 @@ from .objects.files import dump_files
 from .objects import process as proc_obj
 from .objects import signals as sig_obj
 from .objects import threads as thr_obj
+from .objects import timers as timer_obj
 from .progress import Progress
 from .tracking.base import (REGION_ZERO, Tracker, choose_tracker, content_scan_kw, trackable,
                             vma_key)
@@ -505,6 +506,11 @@ class Checkpointer:
             vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
             out["process"] = proc_obj.dump_process(remote, vdso)
             if final:
+                # the timers just before the pending signals: one firing in
+                # between is in both (an extra signal), never in neither
+                out["process"].itimers.extend(timer_obj.dump_itimers(remote))
+                out["process"].posix_timers.extend(timer_obj.dump_posix_timers(
+                    remote, sorted(set(proc.tids) | {pid})))
                 out["signals"] = sig_obj.dump_signals(remote)
                 cores.append(thr_obj.dump_thread(remote))
         if final:

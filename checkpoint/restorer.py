@@ -53,6 +53,7 @@ from .objects import mm as mm_obj
 from .objects import process as proc_obj
 from .objects import sched as sched_obj
 from .objects import session as session_obj
+from .objects import timers as timer_obj
 from .objects.files import open_path, premake_memfds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
 from .progress import Progress
@@ -605,12 +606,16 @@ class _Builder:
         if self.session is not None:
             self._what = "controlling terminal"
             session_obj.take_terminal(r, self.pid, self.session)
+        self._what = "interval timers"
+        timer_obj.restore_itimers(r, rec["process"])
         self._what = f"thread {leader}"
         self._thread_state(r, cores[leader])
         for tid in rec["pstree"].threads:
             if tid != leader:
                 self._what = f"thread {tid}"
                 self._new_thread(r, cores[tid])
+        self._what = "POSIX timers"  # once every thread they may signal exists
+        timer_obj.restore_posix_timers(r, rec["process"])
         self._what = "pending signals"
         self._pending_signals(r, cores)
         # last: the leader's credentials, seccomp, then what a change of

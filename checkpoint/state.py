@@ -143,9 +143,13 @@ KINDS: tuple[Kind, ...] = (
          note="an fd opened on /proc/PID/map_files of such a mapping"),
     Kind("files", "the engine's own parked tracking fds", ENGINE, "tracking/parked.py",
          note="never dumped as the program's"),
+    # -- timers
+    Kind("timers", "interval timers (setitimer)", RESTORED, "objects/timers.py",
+         note="ITIMER_REAL/VIRTUAL/PROF with their time left and interval"),
+    Kind("timers", "POSIX timers (timer_create)", RESTORED, "objects/timers.py",
+         note="same ids (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.14), clock, signal, time left, "
+              "interval; the last signal's overrun count reads 0 again"),
     # -- not handled yet: each must become restored or refused (issue 10)
-    Kind("timers", "interval timers (setitimer)", DROPPED, "objects/process.py"),
-    Kind("timers", "POSIX timers (timer_create)", DROPPED, "objects/process.py"),
     Kind("process", "session and process group", RESTORED, "objects/session.py",
          note="a leader leads again; the restorer's own session is joined with the group; "
               "a session whose leader is gone is made again by a keeper with its PID"),

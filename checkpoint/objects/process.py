@@ -262,6 +262,9 @@ def validate(p: process_pb2.ProcessEntry, cores, caller: Creds) -> None:
     for core in cores:
         check_seccomp(core)
         sched.validate(core)
+    if cores:  # a final record (a first pre-copy layer's has no timers, no threads)
+        from .timers import validate as validate_timers
+        validate_timers(p, [core.tid for core in cores])
 
     # never more than the caller has
     def refuse(what: str):
