@@ -497,6 +497,7 @@ class Checkpointer:
         with Injector(proc, _leader(proc)) as remote:
             brk = mm_obj.read_brk(remote)
             thp_off = madvise.thp_disabled(remote)
+            madvise.refuse_mm_wide(remote)
             vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
             out["process"] = proc_obj.dump_process(remote, vdso)
             if final:

@@ -140,3 +140,17 @@ def test_mlock_is_checked_with_the_dumped_limit_and_capabilities(tmp_path, reape
     with pytest.raises(RestoreError, match=f"mlock2 on VMA ({addrs['lo']:#x}|{addrs['lf']:#x})"):
         restore(bad, detach=True, inherit=inherit, inherit_stdio=False)
     ch.close()
+
+
+@pytest.mark.parametrize("arg,what", [("mcl_future", r"mlockall\(MCL_FUTURE\)"),
+                                      ("merge_all", r"KSM for all its mappings")])
+def test_mm_wide_state_is_refused(tmp_path, reaper, arg, what):
+    """State for the mappings a process makes later has no room in the
+    image: refused. MCL_FUTURE is in no procfs file: the dump probes it with
+    a page mapped in the target."""
+    ch, p, _ = start(reaper, arg)
+    with pytest.raises(UnsupportedObject, match=f"process {p.pid}: {what}"):
+        with Checkpointer(p.pid, tmp_path / "img") as ck:
+            ck.dump()
+    assert ch.ask("check", "STATE") == "STATE ok"  # the refused dump left it running
+    ch.close()

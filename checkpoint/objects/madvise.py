@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 
 from ..errors import RestoreError, UnsupportedObject
+from ..kernel import procfs
 
 MADV_RANDOM, MADV_SEQUENTIAL, MADV_DONTFORK, MADV_MERGEABLE = 1, 2, 10, 12
 MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_WIPEONFORK = 14, 15, 16, 18
 MLOCK_ONFAULT = 1
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 PR_THP_DISABLE_EXCEPT_ADVISED = 1 << 1
+PR_GET_MEMORY_MERGE = 68
+PAGE, MAP_PRIVATE_ANON = 4096, 0x22
 
 #: VmFlag -> the madvise advice that sets it
 ADVICE = {"sr": MADV_SEQUENTIAL, "rr": MADV_RANDOM, "dc": MADV_DONTFORK,
@@ -88,6 +91,31 @@ def apply_locks(r, mm, special) -> None:
         if res < 0:
             raise RestoreError(f"mlock2 on {_what(v)}: {os.strerror(-res)} (bounded by "
                                "RLIMIT_MEMLOCK without CAP_IPC_LOCK)")
+
+
+def refuse_mm_wide(remote) -> None:
+    """What applies to the mappings a process makes later, not to a VMA:
+    the image has no room for it, refused. KSM for the whole process
+    (PR_SET_MEMORY_MERGE); mlockall(MCL_FUTURE), which shows nowhere in
+    procfs (it is the mm's def_flags): a page mapped now in the target is
+    locked, or not (VmLck grows)."""
+    pid = remote.proc.pid
+    if remote.syscall("prctl", PR_GET_MEMORY_MERGE, 0, 0, 0, 0) > 0:  # -EINVAL: no KSM
+        raise UnsupportedObject(f"process {pid}: KSM for all its mappings "
+                                "(PR_SET_MEMORY_MERGE) is not restorable")
+    before = _vmlck(pid)
+    a = remote.call("mmap", 0, PAGE, 0, MAP_PRIVATE_ANON, -1, 0)
+    try:
+        locked = _vmlck(pid) > before
+    finally:
+        remote.call("munmap", a, PAGE)
+    if locked:
+        raise UnsupportedObject(f"process {pid}: mlockall(MCL_FUTURE) (new mappings locked) "
+                                "is not restorable")
+
+
+def _vmlck(pid: int) -> int:
+    return int(procfs.read_status(pid).raw["VmLck"].split()[0])
 
 
 def thp_disabled(remote) -> bool:

@@ -1,11 +1,12 @@
 """A target whose mappings each carry one madvise or mlock state, with the
 THP-disable bit set, checking its memory itself after a restore.
 
-    mem_attrs_target.py [droppable]
+    mem_attrs_target.py [droppable] [mcl_future] [merge_all]
 prints "READY {json}" ({VmFlag code: address of its mapping}); then for
 each line on stdin prints "STATE ok" or "STATE bad <what>": every mapping
 still holds its pattern and the THP-disable bit is still set.
-``droppable``: also a MAP_DROPPABLE mapping (state no restore makes).
+``droppable``: also a MAP_DROPPABLE mapping; ``mcl_future``: mlockall(MCL_FUTURE);
+``merge_all``: PR_SET_MEMORY_MERGE (state no restore makes).
 """
 import ctypes
 import json
@@ -55,6 +56,10 @@ for code, flags in (("lo", 0), ("lf", MLOCK_ONFAULT)):
         fail(f"mlock2 {code}")
 if "droppable" in sys.argv[1:]:
     addrs["dp"] = region(MAP_DROPPABLE | 0x20)
+if "mcl_future" in sys.argv[1:] and libc.mlockall(2) != 0:
+    fail("mlockall(MCL_FUTURE)")
+if "merge_all" in sys.argv[1:] and libc.prctl(67, 1, 0, 0, 0) != 0:  # PR_SET_MEMORY_MERGE
+    fail("PR_SET_MEMORY_MERGE")
 if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
     fail("PR_SET_THP_DISABLE")
 print("READY " + json.dumps(addrs), flush=True)
