@@ -61,6 +61,17 @@ KINDS: tuple[Kind, ...] = (
          note="PR_SET_MM_MAP"),
     Kind("memory", "vDSO block", RESTORED, "objects/mm.py",
          note="moved to its dumped address; another kernel's vDSO is refused"),
+    Kind("memory", "madvise state, mlock, THP settings", RESTORED, "objects/madvise.py",
+         note="per VMA from its VmFlags, after the pages: madvise (dc dd hg nh mg wf sr "
+              "rr), mlock2 (lo; lf: MLOCK_ONFAULT) with the dumped RLIMIT_MEMLOCK and "
+              "capabilities; PR_SET_THP_DISABLE"),
+    Kind("memory", "mlockall(MCL_FUTURE), KSM for the whole process, THP disabled except "
+         "advised", REFUSED, "objects/madvise.py",
+         note="no room in the image (MCL_FUTURE, in no procfs file, is probed with a page "
+              "mapped in the target)"),
+    Kind("memory", "sealed (mseal), droppable and shadow-stack mappings, unknown VmFlags",
+         REFUSED, "objects/madvise.py", note="no restore makes them; an image naming one "
+                                              "is refused too"),
     # -- threads
     Kind("threads", "registers, FPU/AVX state", RESTORED, "objects/threads.py"),
     Kind("threads", "thread IDs", RESTORED, "restorer.py",
@@ -152,7 +163,6 @@ KINDS: tuple[Kind, ...] = (
          note="process trees are another issue: until then the dump must refuse"),
     Kind("process", "nice, scheduling policy, CPU affinity, oom_score_adj", DROPPED,
          "objects/process.py"),
-    Kind("memory", "madvise state, mlock, THP settings", DROPPED, "objects/mm.py"),
     Kind("memory", "SysV IPC (shared memory, semaphores, message queues)", DROPPED,
          "objects/mm.py"),
     Kind("threads", "a thread group whose leader exited", DROPPED, "objects/threads.py",
