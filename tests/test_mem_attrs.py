@@ -154,3 +154,46 @@ def test_mm_wide_state_is_refused(tmp_path, reaper, arg, what):
             ck.dump()
     assert ch.ask("check", "STATE") == "STATE ok"  # the refused dump left it running
     ch.close()
+
+
+def test_live_migration_restores_them(tmp_path):
+    """The stager maps the VMAs layer by layer and applies the final layer's
+    pages last: the flags come after those, through the same finish."""
+    import test_migrate as tm
+    from netns import two_hosts
+    tm.libc.prctl(tm.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    pids: list[int] = []
+    try:
+        with two_hosts() as (src, dst):
+            t = tm.Target.start_in(src, [sys.executable, TARGET], ready=None)
+            pids.append(t.pid)
+            first = t.line(20)
+            assert first.startswith("READY"), first
+            addrs = json.loads(first.split(" ", 1)[1])
+            srv = tm.Server(dst, str(tmp_path / "dst"), t, str(key))
+            r = tm.migrate(src, t.pid, srv.addr, str(key))
+            assert r.returncode == 0, r.stderr
+            res = srv.result()
+            assert res["ok"], res
+            pid = res["restored_pid"]
+            pids.append(pid)
+            for code in CODES:
+                v = vma_at(pid, addrs[code])
+                assert code in v.vmflags, (code, sorted(v.vmflags))
+            assert procfs.read_status(pid).raw["THP_enabled"] == "0"
+            assert t.cmd("check") == "STATE ok"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for _ in pids:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+        tm.libc.prctl(tm.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
