@@ -41,7 +41,8 @@ def unrestorable(flags) -> str | None:
     """Why a VMA with these VmFlags cannot be restored, or None."""
     bad = sorted(set(flags) - KEPT - LOCKS - set(ADVICE))
     if bad:
-        return ", ".join(_NAMES.get(f, f"VmFlag {f!r} unknown to this engine") for f in bad)
+        return ", ".join(_NAMES.get(f, f"VmFlag {f[:8]!r} unknown to this engine")
+                         for f in bad[:4])
     if "lf" in flags and "lo" not in flags:
         return "VmFlag 'lf' without 'lo'"
     if {"hg", "nh"} <= set(flags) or {"sr", "rr"} <= set(flags):

@@ -73,8 +73,8 @@ def vma_entry(pid: int, v: procfs.Vma) -> mm_pb2.VmaEntry:
     e.flags, e.status = flags, status
     why = madvise.unrestorable(v.vmflags) if v.path not in SPECIAL else None
     if why:
-        raise UnsupportedObject(f"process {pid}: VMA {v.start:#x}-{v.end:#x} {v.path} is "
-                                f"{why}: not restorable".replace("  ", " "))
+        what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
+        raise UnsupportedObject(f"process {pid}: {what} is {why}: not restorable")
     e.vmflags.extend(sorted(v.vmflags))
     return e
 
