@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import RestoreError, UnsupportedObject
+from ..errors import CheckpointError, RestoreError, UnsupportedObject
 from ..kernel import procfs
 
 MADV_RANDOM, MADV_SEQUENTIAL, MADV_DONTFORK, MADV_MERGEABLE = 1, 2, 10, 12
@@ -24,7 +24,7 @@ MLOCK_ONFAULT = 1
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 PR_THP_DISABLE_EXCEPT_ADVISED = 1 << 1
 PR_GET_MEMORY_MERGE = 68
-PAGE, MAP_PRIVATE_ANON = 4096, 0x22
+PAGE, MAP_PRIVATE_ANON, MAP_FIXED_NOREPLACE = 4096, 0x22, 0x100000
 
 #: VmFlag -> the madvise advice that sets it
 ADVICE = {"sr": MADV_SEQUENTIAL, "rr": MADV_RANDOM, "dc": MADV_DONTFORK,
@@ -104,15 +104,35 @@ def refuse_mm_wide(remote) -> None:
     if remote.syscall("prctl", PR_GET_MEMORY_MERGE, 0, 0, 0, 0) > 0:  # -EINVAL: no KSM
         raise UnsupportedObject(f"process {pid}: KSM for all its mappings "
                                 "(PR_SET_MEMORY_MERGE) is not restorable")
+    # at a page free in the frozen target (maps read now: the engine's own
+    # pages too), known before the call: an engine interrupted around the
+    # mmap, its result lost, still unmaps it (nothing else maps there)
+    at = _free_page(procfs.read_maps(pid))
     before = _vmlck(pid)
-    a = remote.call("mmap", 0, PAGE, 0, MAP_PRIVATE_ANON, -1, 0)
+    got = None
     try:
+        got = remote.syscall("mmap", at, PAGE, 0, MAP_PRIVATE_ANON | MAP_FIXED_NOREPLACE, -1, 0)
+        if got != at:
+            raise CheckpointError(f"process {pid}: probing mlockall: mmap at {at:#x} gave "
+                                  f"{os.strerror(-got) if -4096 < got < 0 else hex(got)}")
         locked = _vmlck(pid) > before
     finally:
-        remote.call("munmap", a, PAGE)
+        if got is None or got == at:
+            remote.syscall("munmap", at, PAGE)
     if locked:
         raise UnsupportedObject(f"process {pid}: mlockall(MCL_FUTURE) (new mappings locked) "
                                 "is not restorable")
+
+
+def _free_page(vmas) -> int:
+    """The page just below the first mapping (above mmap_min_addr's usual
+    64 KiB) that has a free page under it."""
+    prev_end = 0x10000
+    for v in sorted(vmas, key=lambda v: v.start):
+        if v.start - prev_end >= PAGE:
+            return v.start - PAGE
+        prev_end = max(prev_end, v.end)
+    raise UnsupportedObject("no free page in the address space to probe mlockall")
 
 
 def _vmlck(pid: int) -> int:
@@ -125,5 +145,5 @@ def thp_disabled(remote) -> bool:
     res = remote.call("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)
     if res & PR_THP_DISABLE_EXCEPT_ADVISED:
         raise UnsupportedObject(f"process {remote.proc.pid}: THP disabled except where "
-                              "advised (PR_THP_DISABLE_EXCEPT_ADVISED) is not restorable")
+                                "advised (PR_THP_DISABLE_EXCEPT_ADVISED) is not restorable")
     return bool(res)
