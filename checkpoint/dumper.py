@@ -36,6 +36,7 @@ from .images.reader import list_layers
 from .inject import Injector
 from .kernel import procfs
 from .kernel.procfs import PAGE_SIZE
+from .objects import madvise
 from .objects import mm as mm_obj
 from .objects.files import dump_files
 from .objects import process as proc_obj
@@ -329,12 +330,10 @@ class Checkpointer:
         lost: list[tuple[int, int]] = []  # ranges that vanished before they were read
         try:
             # smaps is costly (the kernel walks every page table for its
-            # counters): a final dump reads it before freezing and, inside,
-            # only checks with the cheap maps that the layout is the same
+            # counters): a pre-dump learns the VmFlags of new VMAs here, outside
+            # the freeze; a final dump reads them inside it (_metadata)
             hooks.run(self.action_scripts, "pre-dump", pid=self.pid, images_dir=self.images_dir)
-            smaps_before = procfs.read_smaps(self.pid) \
-                if final and self.count_skipped else None
-            if smaps_before is None:
+            if not final:
                 try:  # outside the freeze, where it costs nothing frozen
                     self._learn_vmflags(procfs.read_maps(self.pid))
                 except CheckpointError:
@@ -349,7 +348,7 @@ class Checkpointer:
                 log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
                          self.pid, proc.freezing_ms, tracker.name,
                          f" (full layer: {full_reason})" if full_reason else "")
-                records = self._metadata(proc, final, smaps_before)
+                records = self._metadata(proc, final)
                 vmas = records.pop("_vmas")
                 check_stop()
                 tracker.whole_vmas.clear()
@@ -395,7 +394,7 @@ class Checkpointer:
                     full_reason=full_reason)
                 if full_reason or not self.count_skipped:
                     present = 0
-                elif final:  # inside the freeze: the smaps counters read just before it
+                elif final:  # the smaps counters read inside the freeze
                     present = sum(v.anon_kb for v in vmas) * 1024 // PAGE_SIZE
                 else:  # after the thaw: costs no frozen time
                     present = _count_present(self.pid, vmas)
@@ -492,8 +491,7 @@ class Checkpointer:
 
     # -- pieces ---------------------------------------------------------------
 
-    def _metadata(self, proc: FrozenProcess, final: bool,
-                  smaps_before: list[procfs.Vma] | None = None) -> dict:
+    def _metadata(self, proc: FrozenProcess, final: bool) -> dict:
         """Records of this round, taken inside the freeze. Pre-dumps hold the
         tree, the memory map and the process record (a live migration's
         destination maps the files as that process's user before the final
@@ -503,6 +501,8 @@ class Checkpointer:
         cores = []
         with Injector(proc, _leader(proc)) as remote:
             brk = mm_obj.read_brk(remote)
+            thp_off = madvise.thp_disabled(remote)
+            madvise.refuse_mm_wide(remote)
             vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
             out["process"] = proc_obj.dump_process(remote, vdso)
             if final:
@@ -519,17 +519,19 @@ class Checkpointer:
                     with Injector(proc, tid) as r:
                         cores.append(thr_obj.dump_thread(r))
         # the maps are read after every injector has unmapped its scratch page
-        vmas = procfs.read_maps(pid)
-        if final and smaps_before is not None:
-            vmas = _with_smaps_flags(vmas, smaps_before) or procfs.read_smaps(pid)
+        # a final dump reads the VmFlags inside the freeze: madvise and mlock
+        # change them on a whole VMA without changing what maps shows
+        if final:
+            vmas = procfs.read_smaps(pid)
         else:  # the flags the restore needs (growsdown, noreserve) for every VMA
+            vmas = procfs.read_maps(pid)
             self._learn_vmflags(vmas)
             vmas = [procfs.with_flags(v, self._vmflags[_flag_key(v)]) for v in vmas]
         proc_obj.refuse_sysv_shm(vmas)
         # in pre-dumps too: a migration learns it before it copies anything
         proc_obj.refuse_children(pid, proc.tids, self.skip_children)
         out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
-        out["mm"] = mm_obj.dump_mm(pid, vmas, brk)
+        out["mm"] = mm_obj.dump_mm(pid, vmas, brk, thp_off)
         if final:
             out["core"] = cores
             # the engine's own fds parked there, by any chain or engine run
@@ -744,21 +746,6 @@ def _copy_layer(src: str, dst: str) -> None:
 
 def _flag_key(v: procfs.Vma) -> tuple:
     return (v.start, v.end, v.inode, v.offset, v.perms, v.path)
-
-
-def _with_smaps_flags(vmas: list[procfs.Vma],
-                      smaps: list[procfs.Vma] | None) -> list[procfs.Vma] | None:
-    """``vmas`` (from maps, read in the freeze) with the VmFlags of the same
-    VMAs in ``smaps`` (read just before it), or None when the layout changed
-    in between. The flags the restore needs (gd, nr) are fixed at mmap time."""
-    if smaps is None or len(smaps) != len(vmas):
-        return None
-    out = []
-    for v, w in zip(vmas, smaps):
-        if v != procfs.with_flags(w, frozenset()):
-            return None
-        out.append(procfs.with_flags(v, w.vmflags, w.anon_kb))
-    return out
 
 
 def _count_present(pid: int, vmas: list[procfs.Vma]) -> int:

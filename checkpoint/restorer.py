@@ -49,6 +49,7 @@ from .inject import Injector, ProcMem
 from .kernel import procfs
 from .kernel import ptrace as pt
 from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
+from .objects import madvise
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
 from .objects import sched as sched_obj
@@ -159,6 +160,7 @@ def _own_vdso() -> tuple[bytes, int, int, int]:
 def check_images(process, mm) -> None:
     """Refuse, before starting anything, what cannot be restored right."""
     written_files = {(v.dev, v.inode) for v in mm.vmas if v.flags & 0x01 and v.prot & 2}
+    madvise.check_image(mm, mm_obj.SPECIAL)
     mine = _own_vdso()
     theirs = (process.vdso_digest, process.vdso_size, process.vvar_size,
               process.vvar_vclock_size)
@@ -608,6 +610,14 @@ class _Builder:
             session_obj.take_terminal(r, self.pid, self.session)
         self._what = "interval timers"
         timer_obj.restore_itimers(r, rec["process"])
+        # every page is written by now (also the stager's final layer)
+        self._what = "madvise state, THP disable"
+        madvise.apply_advice(r, rec["mm"], mm_obj.SPECIAL)
+        # after the rlimits, with the dumped capabilities: the kernel checks
+        # RLIMIT_MEMLOCK (or CAP_IPC_LOCK) as it did for the original
+        self._what = "mlocked VMAs"
+        with privs.as_dumped():
+            madvise.apply_locks(r, rec["mm"], mm_obj.SPECIAL)
         self._what = f"thread {leader}"
         self._thread_state(r, cores[leader])
         for tid in rec["pstree"].threads:

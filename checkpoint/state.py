@@ -61,6 +61,17 @@ KINDS: tuple[Kind, ...] = (
          note="PR_SET_MM_MAP"),
     Kind("memory", "vDSO block", RESTORED, "objects/mm.py",
          note="moved to its dumped address; another kernel's vDSO is refused"),
+    Kind("memory", "madvise state, mlock, THP settings", RESTORED, "objects/madvise.py",
+         note="per VMA from its VmFlags, after the pages: madvise (dc dd hg nh mg wf sr "
+              "rr), mlock2 (lo; lf: MLOCK_ONFAULT) with the dumped RLIMIT_MEMLOCK and "
+              "capabilities; PR_SET_THP_DISABLE"),
+    Kind("memory", "mlockall(MCL_FUTURE), KSM for the whole process, THP disabled except "
+         "advised", REFUSED, "objects/madvise.py",
+         note="no room in the image (MCL_FUTURE, in no procfs file, is probed with a page "
+              "mapped in the target)"),
+    Kind("memory", "sealed (mseal), droppable and shadow-stack mappings, unknown VmFlags",
+         REFUSED, "objects/madvise.py", note="no restore makes them; an image naming one "
+                                              "is refused too"),
     # -- threads
     Kind("threads", "registers, FPU/AVX state", RESTORED, "objects/threads.py"),
     Kind("threads", "thread IDs", RESTORED, "restorer.py",
@@ -167,7 +178,6 @@ KINDS: tuple[Kind, ...] = (
          RESTORED, "objects/sched.py", note="set with the caller's privilege"),
     Kind("process", "SCHED_DEADLINE", REFUSED, "objects/sched.py"),
     Kind("process", "oom_score_adj", RESTORED, "objects/sched.py"),
-    Kind("memory", "madvise state, mlock, THP settings", DROPPED, "objects/mm.py"),
     Kind("memory", "a removed SysV shared memory segment only the process holds",
          RESTORED, "objects/process.py", note="as shared anonymous memory, with its content"),
     Kind("memory", "SysV shared memory others can attach (not removed, or attached twice)",

@@ -35,3 +35,9 @@ def test_every_fd_kind_module_is_registered():
     for name in mods:
         mod = importlib.import_module(f"checkpoint.objects.fds.{name}")
         assert getattr(mod, "KIND", None) in table, name
+
+
+def test_no_kind_is_dropped():
+    """Every kind the engine knows is restored, refused by name, or needs an
+    option: none is lost silently (issue 10's rule)."""
+    assert [k.name for k in state.by_status(state.DROPPED)] == []

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 
+from ..errors import UnsupportedObject
 from ..images.pb import mm_pb2
 from ..inject import Injector, ProcMem
 from ..kernel import procfs
+from . import madvise
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -69,6 +71,10 @@ def vma_entry(pid: int, v: procfs.Vma) -> mm_pb2.VmaEntry:
         except OSError:
             pass
     e.flags, e.status = flags, status
+    why = madvise.unrestorable(v.vmflags) if v.path not in SPECIAL else None
+    if why:
+        what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
+        raise UnsupportedObject(f"process {pid}: {what} is {why}: not restorable")
     e.vmflags.extend(sorted(v.vmflags))
     return e
 
@@ -92,10 +98,11 @@ def read_brk(remote: Injector) -> int:
     return remote.call("brk", 0)
 
 
-def dump_mm(pid: int, vmas: list[procfs.Vma], brk: int) -> mm_pb2.MmEntry:
+def dump_mm(pid: int, vmas: list[procfs.Vma], brk: int,
+            thp_disabled: bool = False) -> mm_pb2.MmEntry:
     """Everything but the pages (the tracker and the layer writer do those)."""
     st = procfs.read_stat(pid)
-    mm = mm_pb2.MmEntry(pid=pid)
+    mm = mm_pb2.MmEntry(pid=pid, thp_disabled=thp_disabled)
     mm.vmas.extend(vma_entry(pid, v) for v in vmas)
     mm.mm_start_code, mm.mm_end_code = st.start_code, st.end_code
     mm.mm_start_data, mm.mm_end_data = st.start_data, st.end_data
