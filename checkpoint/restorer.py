@@ -611,6 +611,10 @@ class _Builder:
         self._what = "interval timers"
         timer_obj.restore_itimers(r, rec["process"])
         # every page is written by now (also the stager's final layer)
+        self._what = "protection of read-only shared memory"
+        for v in rec["mm"].vmas:
+            if _written_shared_ro(v, -1):
+                r.call("mprotect", v.start, v.end - v.start, v.prot)
         self._what = "madvise state, THP disable"
         madvise.apply_advice(r, rec["mm"], mm_obj.SPECIAL)
         # after the rlimits, with the dumped capabilities: the kernel checks
@@ -753,7 +757,10 @@ class _Builder:
                     fd, off = self.premade[(v.dev, v.inode)], v.offset
                 else:
                     flags |= 0x20
-                got = r.call("mmap", v.start, v.end - v.start, v.prot, flags, fd, off)
+                prot = v.prot
+                if _written_shared_ro(v, fd):
+                    prot |= PROT_READ | PROT_WRITE  # /proc/PID/mem cannot force-write it
+                got = r.call("mmap", v.start, v.end - v.start, prot, flags, fd, off)
                 if got != v.start:
                     raise RestoreError(f"mmap put {self._what} at {got:#x}")
         finally:
@@ -904,6 +911,19 @@ class _Builder:
                 sig = struct.unpack_from("<i", info)[0]
                 r.write(r.scratch, info)
                 r.call("rt_tgsigqueueinfo", pid, tid, sig, r.scratch)
+
+
+PROT_READ, PROT_WRITE = 1, 2
+
+
+def _written_shared_ro(v, fd: int) -> bool:
+    """A shared mapping the restore maps anonymous (shmem: shared anonymous
+    memory, a deleted file's or a memfd's that no fd brought back) and
+    fills through /proc/PID/mem, without write permission: the kernel
+    refuses a forced write into a shared mapping that is not writable, so
+    it is mapped writable, filled, then given its dumped protection."""
+    return bool(v.flags & 0x01) and fd < 0 and not v.prot & PROT_WRITE and \
+        v.path not in mm_obj.SPECIAL and not v.status & mm_obj.VMA_CONTENT_IN_FILE
 
 
 def _trace_options(proc: FrozenProcess, seccomp: bool) -> None:

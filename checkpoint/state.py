@@ -178,6 +178,8 @@ KINDS: tuple[Kind, ...] = (
          RESTORED, "objects/sched.py", note="set with the caller's privilege"),
     Kind("process", "SCHED_DEADLINE", REFUSED, "objects/sched.py"),
     Kind("process", "oom_score_adj", RESTORED, "objects/sched.py"),
+    Kind("memory", "pages of shared memory that is read-only or PROT_NONE now", RESTORED,
+         "restorer.py", note="mapped writable, filled, then protected as dumped"),
     Kind("memory", "a removed SysV shared memory segment only the process holds",
          RESTORED, "objects/process.py", note="as shared anonymous memory, with its content"),
     Kind("memory", "SysV shared memory others can attach (not removed, or attached twice)",

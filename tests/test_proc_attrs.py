@@ -189,3 +189,15 @@ def test_zombie_leader_is_refused_with_its_reason(spawn, tmp_path):
     with pytest.raises(UnsupportedObject, match="main thread of process .* has exited"):
         with Checkpointer(t.pid, tmp_path / "img") as ck:
             ck.pre_dump()
+
+
+def test_read_only_shared_memory_keeps_its_pages_and_protection(run):
+    """Pages of shared anonymous memory that is read-only or PROT_NONE now
+    (the kernel refuses forced writes into such a mapping through
+    /proc/PID/mem: it is filled writable, then protected as dumped)."""
+    t = run("shared-ro")
+    assert t.check() == "CHECK ok"
+    t.dump()
+    t.restore()
+    assert t.check() == "CHECK ok"
+    t.ch.send("quit\n")

@@ -11,7 +11,8 @@ on "quit" exits 0. Kinds:
 - leader / group: a session leader (setsid) / its own process group (setpgid);
 - plain: nothing (the session and group it was started in);
 - child: a child process (sleep), whose PID is in READY;
-- sysv: a SysV shared memory segment attached (not removed).
+- sysv: a SysV shared memory segment attached (not removed);
+- shared-ro: shared anonymous memory whose pages are now read-only / PROT_NONE.
 """
 
 import json
@@ -57,6 +58,17 @@ def setup():
         info["child"] = subprocess.Popen(["sleep", "1000"]).pid
     elif kind == "sysv":
         sysv_attach()
+    elif kind == "shared-ro":
+        import ctypes
+        import mmap
+        libc = ctypes.CDLL(None, use_errno=True)
+        m = mmap.mmap(-1, 3 * 4096, flags=mmap.MAP_SHARED)
+        m[:] = b"A" * 4096 + b"B" * 4096 + b"C" * 4096
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        libc.mprotect(ctypes.c_void_p(addr + 4096), 4096, 1)   # PROT_READ
+        libc.mprotect(ctypes.c_void_p(addr + 8192), 4096, 0)   # PROT_NONE
+        state.update(m=m, addr=addr, libc=libc)
+        info["addr"] = addr
     info["sid"], info["pgid"] = os.getsid(0), os.getpgid(0)
 
 
@@ -84,6 +96,17 @@ def check() -> str:
             adj = int(f.read())
         if adj != 321:
             return f"oom_score_adj {adj}"
+    if kind == "shared-ro":
+        with open("/proc/self/maps") as f:
+            prots = {int(ln.split("-")[0], 16): ln.split()[1] for ln in f}
+        want = {state["addr"]: "rw-s", state["addr"] + 4096: "r--s", state["addr"] + 8192: "---s"}
+        if any(prots.get(a) != p for a, p in want.items()):
+            return f"protections {[prots.get(a) for a in want]}"
+        state["libc"].mprotect(__import__("ctypes").c_void_p(state["addr"] + 8192), 4096, 1)
+        m = state["m"]
+        if m[:] != b"A" * 4096 + b"B" * 4096 + b"C" * 4096:
+            return "content differs"
+        state["libc"].mprotect(__import__("ctypes").c_void_p(state["addr"] + 8192), 4096, 0)
     if kind == "ctty":
         with open("/proc/self/stat") as f:
             tty_nr = int(f.read().rsplit(")", 1)[1].split()[4])
