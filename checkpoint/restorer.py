@@ -746,8 +746,12 @@ class _Builder:
                     mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON) and \
                     not v.path.startswith("/memfd:")
                 if file_backed:
-                    # a shared writable mapping needs the file open for writing
-                    acc = O_RDWR if v.flags & 0x01 and v.prot & 2 else O_RDONLY
+                    # a shared mapping that is writable, or may become so
+                    # (VM_MAYWRITE, "mw": the file was opened for writing
+                    # and a later mprotect may ask for it), needs the file
+                    # open for writing
+                    acc = O_RDWR if v.flags & 0x01 and (v.prot & 2 or "mw" in v.vmflags) \
+                        else O_RDONLY
                     fd = opened.get((v.path, acc))
                     if fd is None:
                         fd = self._open_checked(r, v.path, acc, (v.dev, v.inode), "mapped file")

@@ -54,7 +54,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("memory", "private file mappings", RESTORED, "objects/mm.py",
          note="the file mapped again (identity checked), its copied-on-write pages from the image"),
     Kind("memory", "shared file mappings", RESTORED, "objects/mm.py",
-         note="the file mapped again shared; its pages are the file's"),
+         note="the file mapped again shared, opened read-write when the mapping may be made "
+              "writable (VM_MAYWRITE); its pages are the file's"),
     Kind("memory", "shared anonymous memory, memfd and deleted-file mappings", RESTORED,
          "objects/mm.py", note="taken whole every round"),
     Kind("memory", "brk, mm fields, auxv, exe link", RESTORED, "objects/mm.py",

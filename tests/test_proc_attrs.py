@@ -201,3 +201,16 @@ def test_read_only_shared_memory_keeps_its_pages_and_protection(run):
     t.restore()
     assert t.check() == "CHECK ok"
     t.ch.send("quit\n")
+
+
+def test_read_only_shared_file_mapping_may_become_writable(run, tmp_path):
+    """A shared file mapping that is read-only but whose file was opened
+    read-write (VM_MAYWRITE) can be made writable after restore, as before."""
+    path = tmp_path / "data"
+    path.write_bytes(b"r" * 4096)
+    t = run("shared-file", path)
+    t.dump()
+    t.restore()
+    assert t.check() == "CHECK ok"
+    assert path.read_bytes()[:1] == b"W"   # the write went to the file
+    t.ch.send("quit\n")

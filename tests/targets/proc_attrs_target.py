@@ -12,6 +12,8 @@ on "quit" exits 0. Kinds:
 - plain: nothing (the session and group it was started in);
 - child: a child process (sleep), whose PID is in READY;
 - sysv: a SysV shared memory segment attached (not removed);
+- shared-file PATH: a read-only shared mapping of a file opened read-write
+  (mprotect may make it writable later);
 - shared-ro: shared anonymous memory whose pages are now read-only / PROT_NONE.
 """
 
@@ -58,6 +60,16 @@ def setup():
         info["child"] = subprocess.Popen(["sleep", "1000"]).pid
     elif kind == "sysv":
         sysv_attach()
+    elif kind == "shared-file":
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        fd = os.open(sys.argv[2], os.O_RDWR)
+        addr = libc.mmap(None, 4096, 1, 1, fd, 0)      # PROT_READ, MAP_SHARED
+        os.close(fd)
+        state.update(addr=addr, libc=libc)
     elif kind == "shared-ro":
         import ctypes
         import mmap
@@ -96,6 +108,12 @@ def check() -> str:
             adj = int(f.read())
         if adj != 321:
             return f"oom_score_adj {adj}"
+    if kind == "shared-file":
+        import ctypes
+        if state["libc"].mprotect(ctypes.c_void_p(state["addr"]), 4096, 3) != 0:
+            return f"mprotect writable: {os.strerror(ctypes.get_errno())}"
+        ctypes.memmove(state["addr"], b"W", 1)
+        state["libc"].mprotect(ctypes.c_void_p(state["addr"]), 4096, 1)
     if kind == "shared-ro":
         with open("/proc/self/maps") as f:
             prots = {int(ln.split("-")[0], 16): ln.split()[1] for ln in f}
