@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
 from . import faults, hooks
+from . import state as state_table
 from .freezer import FrozenProcess, freeze_process
 from .interrupt import check as check_stop
 from .interrupt import stoppable
@@ -402,6 +403,9 @@ class Checkpointer:
                 if proc.threads:
                     proc.thaw()
                 raise
+            if final and log.isEnabledFor(logging.INFO):
+                for line in state_table.found(records):
+                    log.info("found %s", line)
             for kind_, msg in records.items():
                 for m in (msg if isinstance(msg, list) else [msg]):
                     writer.add_record(kind_, m)

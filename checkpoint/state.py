@@ -218,3 +218,43 @@ def splice(doc: str) -> str:
     """``doc`` with the text between the markers replaced by :func:`markdown`."""
     a, b = doc.index(BEGIN) + len(BEGIN), doc.index(END)
     return doc[:a] + "\n" + markdown() + "\n" + doc[b:]
+
+
+def found(records: dict) -> list[str]:
+    """What a final dump found of each kind, one line each (``dump -v``)."""
+    from collections import Counter
+
+    from .images.pb import files_pb2
+    out = []
+    cores, mm, proc = records.get("core") or [], records.get("mm"), records.get("process")
+    tree = records.get("pstree")
+    out.append(f"threads: {len(cores)}")
+    if mm is not None:
+        kinds = Counter("anonymous" if not v.inode else "file" for v in mm.vmas)
+        shared = sum(1 for v in mm.vmas if v.flags & 0x01)
+        advised = sum(1 for v in mm.vmas if set(v.vmflags) & set("dc dd hg nh mg wf sr rr lo"
+                                                                .split()))
+        out.append(f"memory: {len(mm.vmas)} VMAs ({kinds['anonymous']} anonymous, "
+                   f"{kinds['file']} file, {shared} shared, {advised} with madvise/mlock "
+                   f"state){', THP disabled' if mm.thp_disabled else ''}")
+    files = records.get("files")
+    if files is not None:
+        fk = Counter(e.kind or files_pb2.FdType.Name(e.type).lower().removeprefix("fd_")
+                     for e in files.fds)
+        ext = sum(1 for e in files.fds if e.external)
+        locks = sum(len(getattr(e, "locks", ())) for e in files.fds)
+        out.append(f"files: {len(files.fds)} fds ({', '.join(f'{n} {k}' for k, n in sorted(fk.items()))})"
+                   f"{f', {ext} external' if ext else ''}, {locks} file locks")
+    if proc is not None:
+        out.append(f"timers: {len(proc.itimers)} interval, {len(proc.posix_timers)} POSIX")
+    if tree is not None:
+        role = "session leader" if tree.sid == tree.pid else \
+            "group leader" if tree.pgid == tree.pid else "member"
+        out.append(f"session {tree.sid}, process group {tree.pgid} ({role})")
+    from .objects.sched import POLICY_NAME, SCHED_RESET_ON_FORK
+    pol = Counter(POLICY_NAME.get(c.sched_policy & ~SCHED_RESET_ON_FORK, str(c.sched_policy))
+                  for c in cores if c.has_sched)
+    if pol:
+        out.append("scheduling: " + ", ".join(f"{n} thread(s) {p}"
+                                              for p, n in sorted(pol.items())))
+    return out

@@ -214,3 +214,17 @@ def test_read_only_shared_file_mapping_may_become_writable(run, tmp_path):
     assert t.check() == "CHECK ok"
     assert path.read_bytes()[:1] == b"W"   # the write went to the file
     t.ch.send("quit\n")
+
+
+def test_verbose_dump_lists_what_it_found(run):
+    import subprocess
+    t = run("sched")
+    out = subprocess.run([sys.executable, "-m", "checkpoint", "dump", "-t", str(t.pid), "-D",
+                          str(t.images), "-v"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    found = [ln.split("found ", 1)[1] for ln in out.stderr.splitlines() if "found " in ln]
+    assert "threads: 2" in found, found
+    assert any(f.startswith("memory: ") and " VMAs (" in f for f in found), found
+    assert any(f.startswith("files: ") and "pipe" in f for f in found), found
+    assert "timers: 0 interval, 0 POSIX" in found, found
+    assert "scheduling: 1 thread(s) SCHED_BATCH, 1 thread(s) SCHED_IDLE" in found, found
