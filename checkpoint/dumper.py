@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import os
 import time
 from array import array
@@ -416,6 +417,11 @@ class Checkpointer:
             if final:  # still frozen; the layer's record stops short of its own publication
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
             check_stop()
+            if final and _dying(self.pid):
+                # its state was taken frozen, but a final layer of a process
+                # that was killed meanwhile is not published as a checkpoint
+                raise TargetExited(f"process {self.pid} was killed during the dump; nothing "
+                                   "was published", self.pid)
             faults.point("round.publish")
             st = writer.close(freezing_ms=proc.freezing_ms, frozen_ms=frozen_ms,
                               memdump_ms=mem_ms, memwrite_ms=write_ms,
@@ -725,6 +731,16 @@ def _fill_gaps(v: procfs.Vma, rows: list) -> list:
     if at < v.end:
         out.append((at, v.end, REGION_ZERO))
     return out
+
+
+def _dying(pid: int) -> bool:
+    """The target exited or a SIGKILL is on its way (pending: kill() has
+    returned, the frozen task has not run its exit yet)."""
+    try:
+        st = procfs.read_status(pid)
+    except CheckpointError:
+        return True
+    return st.state in ("Z", "X") or bool((st.sig_pnd | st.shd_pnd) & 1 << (signal.SIGKILL - 1))
 
 
 def _leader(proc: FrozenProcess) -> int:
