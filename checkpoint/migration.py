@@ -83,8 +83,12 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
             bandwidth: float | None = None, key: bytes | None = None, tls=None,
             auto_converge: bool = False, track: str = "auto", threads: int = 0,
             compress_level: int = 1, progress: bool | None = None,
-            timeout: float = 60.0) -> MigrationStats:
-    """Migrate process ``pid`` to the page server at ``to`` (HOST:PORT)."""
+            timeout: float = 60.0, skip_children: bool = False, file_locks: bool = False,
+            external_fds: bool = False) -> MigrationStats:
+    """Migrate process ``pid`` to the page server at ``to`` (HOST:PORT).
+    ``skip_children``, ``file_locks``, ``external_fds``: as for a dump
+    (Checkpointer); an external fd needs its stand-in on the destination
+    (page-server --inherit-fd)."""
     if downtime_limit_ms <= 0 or max_rounds < 0:
         raise UsageError("the downtime limit must be positive and max_rounds >= 0")
     t_start = time.perf_counter()
@@ -103,7 +107,8 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
         chain = RemoteChain(conn, bandwidth=bandwidth)
         with Checkpointer(pid, None, store=chain, track=track, threads=threads,
                           compress_level=compress_level, progress=False,
-                          count_skipped=False) as ck:
+                          count_skipped=False, skip_children=skip_children,
+                          file_locks=file_locks, external_fds=external_fds) as ck:
             predicted = _precopy(ck, chain, stats, downtime_limit_ms, max_rounds,
                                  auto_converge, bar)
             stats.predicted_downtime_ms = predicted

@@ -497,3 +497,34 @@ def test_a_process_dirtying_faster_than_the_link_is_named_or_throttled(hosts, ke
         for h in hosts:
             subprocess.run(["ip", "netns", "exec", h.ns, "tc", "qdisc", "del", "dev", h.dev,
                             "root"], capture_output=True)
+
+
+def test_a_process_with_children_is_refused_before_any_copy(hosts, key, tmp_path, reap):
+    """The first pre-copy round already refuses a process with children,
+    naming them and --skip-children; with it, the process migrates alone and
+    its child stays on the source."""
+    src, dst = hosts
+    prog = build_target("memcheck")
+    t = Target.start_in(src, ["sh", "-c", f"sleep 1000 & exec {prog} 16 2 100"])
+    reap.append(t.pid)
+    assert t.cmd("run") == "running"
+    with open(f"/proc/{t.pid}/task/{t.pid}/children") as f:
+        (child,) = [int(x) for x in f.read().split()]
+    reap.append(child)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, key)
+    assert r.returncode == 6, r.stderr
+    assert f"child process {child} (sleep)" in r.stderr and "--skip-children" in r.stderr
+    res = srv.result()
+    assert not res["ok"] and _dir_empty(tmp_path / "dst")
+    assert t.cmd("pause") == "paused" and t.cmd("check", timeout=30).startswith("good")
+    assert t.cmd("run") == "running"
+    srv = Server(dst, str(tmp_path / "dst2"), t, key)
+    r = migrate(src, t.pid, srv.addr, key, "--skip-children")
+    assert r.returncode == 0, r.stderr
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    copy = adopt(t, res["restored_pid"])
+    assert copy.cmd("pause") == "paused" and copy.cmd("check", timeout=30).startswith("good")
+    assert proc_state(child) not in ("", "Z")   # left running on the source

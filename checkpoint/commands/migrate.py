@@ -75,6 +75,14 @@ def register(sub) -> None:
                    choices=["auto", "uffd-wp", "soft-dirty", "hash", "full"])
     p.add_argument("--compress-level", type=int_range(*ZSTD_LEVELS), default=1, metavar="N")
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0, metavar="N")
+    p.add_argument("--skip-children", action="store_true",
+                   help="migrate a process that has children alone (as for dump)")
+    p.add_argument("--file-locks", action="store_true",
+                   help="migrate the file locks it holds (as for dump; the destination must "
+                        "see the same files)")
+    p.add_argument("--external-fds", action="store_true",
+                   help="record unsupported fds as external (as for dump); give their "
+                        "stand-ins to page-server --inherit-fd")
     _auth(p, server=False)
     p.set_defaults(func=run_migrate)
 
@@ -124,7 +132,8 @@ def run_migrate(args) -> int:
                  max_rounds=args.max_rounds, bandwidth=args.bandwidth, key=key, tls=tls,
                  auto_converge=args.auto_converge, track=args.track, threads=args.threads,
                  compress_level=args.compress_level, progress=None if not args.json else False,
-                 timeout=args.timeout)
+                 timeout=args.timeout, skip_children=args.skip_children,
+                 file_locks=args.file_locks, external_fds=args.external_fds)
     if args.json:
         from ..cli import emit_json
         emit_json(st.as_json())
