@@ -228,3 +228,64 @@ def test_verbose_dump_lists_what_it_found(run):
     assert any(f.startswith("files: ") and "pipe" in f for f in found), found
     assert "timers: 0 interval, 0 POSIX" in found, found
     assert "scheduling: 1 thread(s) SCHED_BATCH, 1 thread(s) SCHED_IDLE" in found, found
+
+
+def test_sched_deadline_is_refused_by_name(spawn, tmp_path):
+    """SCHED_DEADLINE (runtime, deadline, period) is not restored: the dump
+    names the thread and says what to do."""
+    import ctypes
+    import struct
+    from checkpoint.errors import UnsupportedObject
+
+    t = spawn([sys.executable, "-c", "import sys, time; print('READY', flush=True); "
+               "time.sleep(1000)"])
+    t.expect("READY")
+    # struct sched_attr: size, policy, flags, nice, priority, runtime, deadline, period
+    attr = struct.pack("<IIQiIQQQ", 48, 6, 0, 0, 0, 1_000_000, 10_000_000, 10_000_000)
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(attr)
+    if libc.syscall(314, t.pid, buf, 0) != 0:  # sched_setattr
+        pytest.skip(f"SCHED_DEADLINE not permitted here: {os.strerror(ctypes.get_errno())}")
+    with pytest.raises(UnsupportedObject, match=f"thread {t.pid} runs under SCHED_DEADLINE"):
+        with Checkpointer(t.pid, tmp_path / "img") as ck:
+            ck.dump()
+    assert not (tmp_path / "img" / "layer-0000.img").exists()
+
+
+def test_group_of_a_gone_leader_in_a_gone_session_is_refused(tmp_path, reaper):
+    """Session and group leaders both gone: a keeper could make the session
+    but not the group; the restore refuses by name, --shell-job restores."""
+    from checkpoint.errors import RestoreError
+
+    ch = Channel()
+    try:
+        code = ("import os, subprocess, sys\n"
+                "os.setsid()\n"
+                "g = os.fork()\n"
+                "if g == 0:\n"
+                "    os.setpgid(0, 0)\n"
+                f"    p = subprocess.Popen([sys.executable, {TARGET!r}, 'plain'])\n"
+                "    print('GROUP', os.getpid(), os.getsid(0), flush=True)\n"
+                "    os._exit(0)\n"
+                "os.waitpid(g, 0)\n")
+        w = ch.popen([sys.executable, "-c", code])
+        reaper.append(w.pid)
+        _, gpid, sid = ch.expect("GROUP").split()
+        info = json.loads(ch.expect("READY").split(" ", 1)[1])
+        pid = info["pid"]
+        reaper.append(pid)
+        w.wait(10)
+        assert ids(pid) == (int(sid), int(gpid)) and not os.path.exists(f"/proc/{gpid}")
+        inherit = ch.inherit(pid)
+        images = tmp_path / "img"
+        with Checkpointer(pid, images) as ck:
+            ck.dump()
+        with pytest.raises(RestoreError, match=f"process group {gpid} of session {sid}.*"
+                                               "--shell-job"):
+            restore(images, inherit=inherit, inherit_stdio=False)
+        r = restore(images, inherit=inherit, inherit_stdio=False, shell_job=True)
+        reaper.append(r.pid)
+        assert ids(pid) == (os.getsid(0), os.getpgid(0))
+        assert ch.ask("check", "CHECK") == "CHECK ok"
+    finally:
+        ch.close()
