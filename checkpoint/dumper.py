@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import signal
 import os
+import signal
 import time
 from array import array
 from dataclasses import asdict, dataclass
@@ -146,6 +146,7 @@ class Checkpointer:
         self.tracker: Tracker | None = None
         self._last = None  # (path, (ino, size, mtime_ns), ParentRef) of the layer we wrote last
         self._vmflags: dict[tuple, frozenset] = {}  # VmFlags of the VMAs seen, by _flag_key
+        self._mm_probed = False  # refuse_mm_wide ran in a round of this engine
         self._created_dir = False
         if store is None:
             self._prepare_dir()
@@ -512,7 +513,11 @@ class Checkpointer:
         with Injector(proc, _leader(proc)) as remote:
             brk = mm_obj.read_brk(remote)
             thp_off = madvise.thp_disabled(remote)
-            madvise.refuse_mm_wide(remote)
+            # the probe costs injected calls in the freeze: once per engine
+            # (a migration learns it in its first round) and in the final dump
+            if final or not self._mm_probed:
+                madvise.refuse_mm_wide(remote)
+                self._mm_probed = True
             vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
             out["process"] = proc_obj.dump_process(remote, vdso)
             if final:

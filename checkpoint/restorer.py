@@ -263,12 +263,12 @@ NS_EXIT_EPERM, NS_EXIT_OTHER, NS_EXIT_SESSION = 121, 122, 123
 KEEPER_RELEASE = signal.SIGUSR1
 
 
-def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
+def _keeper_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
                   ack: int, session: "session_obj.Plan | None" = None,
                   keeper_sid: int = 0) -> None:  # pragma: no cover
-    """In a fresh child of the engine: a new PID namespace whose init starts
-    the placeholder with ns-PID ``pid`` and lives as long as it does,
-    exiting with its status (128 + signal when it was killed).
+    """The keeper, in a fresh child of the engine: a new PID namespace
+    whose init starts the placeholder with ns-PID ``pid`` and lives as long
+    as it does, exiting with its status (128 + signal when it was killed).
 
     The keeper (this process) dies with the engine until the engine, the
     build done, sends it KEEPER_RELEASE (it answers on ``ack``); the init
@@ -298,13 +298,7 @@ def _pid_ns_child(pid: int, exe: str, pass_fds: tuple[int, ...], engine: int,
         init = os.fork()
         if init:
             _close_all_but({ack})
-            while True:
-                try:
-                    _, status = os.waitpid(init, 0)
-                    break
-                except InterruptedError:
-                    continue
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+            os._exit(_exit_code_of(init) & 0xFF)  # init passes 128 + signal on
         os.close(ack)
         signal.signal(KEEPER_RELEASE, signal.SIG_DFL)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -348,16 +342,20 @@ def _session_keeper(pid: int, exe: str, pass_fds: tuple[int, ...], ack: int,
         if child == 0:
             _exec_placeholder(exe, pass_fds, me, session)
         _close_all_but({ack})
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        code = os.waitstatus_to_exitcode(status)
+        code = _exit_code_of(child)
         os._exit(code if code >= 0 else 128 - code)
     finally:
         os._exit(NS_EXIT_OTHER)
+
+
+def _exit_code_of(child: int) -> int:  # pragma: no cover (in keepers)
+    """Wait for ``child``: its exit code, or minus the signal that killed it."""
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            return os.waitstatus_to_exitcode(status)
+        except InterruptedError:
+            continue
 
 
 def _close_all_but(keep: set[int]) -> None:  # pragma: no cover (in forked children)
@@ -440,7 +438,7 @@ def _spawn_placeholder(pid: int | None, pass_fds: tuple[int, ...] = (),
                 waiter = _clone_with_pid(keeper_sid) if keeper_sid else os.fork()
                 if waiter == 0:  # pragma: no cover
                     os.close(ack_r)
-                    _pid_ns_child(pid, exe, pass_fds, me, ack_w, session, keeper_sid)
+                    _keeper_child(pid, exe, pass_fds, me, ack_w, session, keeper_sid)
             finally:
                 os.close(ack_w)
             spawned.waiter, spawned.ack = waiter, ack_r
@@ -763,7 +761,7 @@ class _Builder:
                     flags |= 0x20
                 prot = v.prot
                 if _written_shared_ro(v, fd):
-                    prot |= PROT_READ | PROT_WRITE  # /proc/PID/mem cannot force-write it
+                    prot |= mm_obj.PROT_READ | mm_obj.PROT_WRITE  # no forced write into it
                 got = r.call("mmap", v.start, v.end - v.start, prot, flags, fd, off)
                 if got != v.start:
                     raise RestoreError(f"mmap put {self._what} at {got:#x}")
@@ -917,16 +915,13 @@ class _Builder:
                 r.call("rt_tgsigqueueinfo", pid, tid, sig, r.scratch)
 
 
-PROT_READ, PROT_WRITE = 1, 2
-
-
 def _written_shared_ro(v, fd: int) -> bool:
     """A shared mapping the restore maps anonymous (shmem: shared anonymous
     memory, a deleted file's or a memfd's that no fd brought back) and
     fills through /proc/PID/mem, without write permission: the kernel
     refuses a forced write into a shared mapping that is not writable, so
     it is mapped writable, filled, then given its dumped protection."""
-    return bool(v.flags & 0x01) and fd < 0 and not v.prot & PROT_WRITE and \
+    return bool(v.flags & 0x01) and fd < 0 and not v.prot & mm_obj.PROT_WRITE and \
         v.path not in mm_obj.SPECIAL and not v.status & mm_obj.VMA_CONTENT_IN_FILE
 
 

@@ -115,6 +115,20 @@ def python_exe() -> str:
     return sys.executable
 
 
+def read_pty(master: int) -> bytes:
+    """Everything written to a pty until its last writer is gone (EIO on
+    Linux) or EOF."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
 def proc_state(pid: int) -> str:
     """One-letter state of a task (R, S, t, Z ...), or '' if gone."""
     try:

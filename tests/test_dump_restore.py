@@ -18,7 +18,7 @@ from checkpoint.errors import CheckpointError, ImageError, TargetExited
 from checkpoint.images import open_chain
 from checkpoint.kernel import procfs
 from checkpoint.restorer import RestoreError, restore
-from conftest import build_target, proc_state, tracer_of
+from conftest import build_target, proc_state, read_pty, tracer_of
 
 PS = procfs.PAGE_SIZE
 
@@ -436,15 +436,7 @@ def test_cli_restore_shows_progress_on_a_terminal_only(rt, reaper):
     master, slave = pty.openpty()
     proc = subprocess.Popen(args, stderr=slave, stdout=subprocess.PIPE, pass_fds=fds)
     os.close(slave)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    out = read_pty(master)
     assert proc.wait(30) == 0, out
     os.close(master)
     reaper.append(p.pid)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from checkpoint.dumper import Checkpointer
+from checkpoint.errors import RestoreError
 from checkpoint.restorer import restore
 from test_dump_restore import Channel, reaper  # noqa: F401  (fixture)
 
@@ -100,14 +101,24 @@ def _in_session_of_a_gone_leader(ch, stay: bool):
     exited (stay=False: its PID is free) or sleeps on (stay=True)."""
     code = ("import os, subprocess, sys, time; os.setsid(); "
             f"p = subprocess.Popen([sys.executable, {TARGET!r}, 'plain']); "
-            f"print('KEEPER', os.getpid(), flush=True); {'p.wait(); time.sleep(1000)' if stay else ''}")
+            "print('KEEPER', os.getpid(), flush=True); "
+            + ("p.wait(); time.sleep(1000)" if stay else ""))
     return ch.popen([sys.executable, "-c", code])
+
+
+def _refused_then_shell_job(ch, pid, images, inherit, reaper, match):
+    """The restore refuses the dumped session by name; with --shell-job the
+    copy joins this session and group, and runs."""
+    with pytest.raises(RestoreError, match=match):
+        restore(images, inherit=inherit, inherit_stdio=False)
+    r = restore(images, inherit=inherit, inherit_stdio=False, shell_job=True)
+    reaper.append(r.pid)
+    assert ids(pid) == (os.getsid(0), os.getpgid(0))
+    assert ch.ask("check", "CHECK") == "CHECK ok"
 
 
 @pytest.mark.parametrize("stay", [False, True], ids=["leader-gone", "leader-alive"])
 def test_session_whose_leader_is_elsewhere(tmp_path, reaper, stay):
-    from checkpoint.errors import RestoreError
-
     ch = Channel()
     try:
         wrapper = _in_session_of_a_gone_leader(ch, stay)
@@ -133,12 +144,7 @@ def test_session_whose_leader_is_elsewhere(tmp_path, reaper, stay):
             assert r.wait(10) == -9                # the keeper passes the status on
             assert not os.path.exists(f"/proc/{sid}")
             return
-        with pytest.raises(RestoreError, match=f"session {sid}.*--shell-job"):
-            restore(images, inherit=inherit, inherit_stdio=False)
-        r = restore(images, inherit=inherit, inherit_stdio=False, shell_job=True)
-        reaper.append(r.pid)
-        assert ids(pid) == (os.getsid(0), os.getpgid(0))
-        assert ch.ask("check", "CHECK") == "CHECK ok"
+        _refused_then_shell_job(ch, pid, images, inherit, reaper, f"session {sid}.*--shell-job")
     finally:
         ch.close()
 
@@ -255,8 +261,6 @@ def test_sched_deadline_is_refused_by_name(spawn, tmp_path):
 def test_group_of_a_gone_leader_in_a_gone_session_is_refused(tmp_path, reaper):
     """Session and group leaders both gone: a keeper could make the session
     but not the group; the restore refuses by name, --shell-job restores."""
-    from checkpoint.errors import RestoreError
-
     ch = Channel()
     try:
         code = ("import os, subprocess, sys\n"
@@ -280,12 +284,7 @@ def test_group_of_a_gone_leader_in_a_gone_session_is_refused(tmp_path, reaper):
         images = tmp_path / "img"
         with Checkpointer(pid, images) as ck:
             ck.dump()
-        with pytest.raises(RestoreError, match=f"process group {gpid} of session {sid}.*"
-                                               "--shell-job"):
-            restore(images, inherit=inherit, inherit_stdio=False)
-        r = restore(images, inherit=inherit, inherit_stdio=False, shell_job=True)
-        reaper.append(r.pid)
-        assert ids(pid) == (os.getsid(0), os.getpgid(0))
-        assert ch.ask("check", "CHECK") == "CHECK ok"
+        _refused_then_shell_job(ch, pid, images, inherit, reaper,
+                                f"process group {gpid} of session {sid}.*--shell-job")
     finally:
         ch.close()

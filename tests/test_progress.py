@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from checkpoint.progress import Progress
+from conftest import read_pty
 
 
 def test_silent_when_not_a_terminal(capsys):
@@ -26,15 +27,7 @@ def test_bar_on_a_terminal():
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL)
     os.close(slave)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    out = read_pty(master)
     proc.wait()
     os.close(master)
     text = out.decode()

@@ -13,8 +13,8 @@ from ..images.pb import core_pb2
 from ..inject import Injector
 from ..kernel import procfs
 from ..kernel import ptrace as pt
-from . import sched
 from ..kernel.syscalls import NR, raw_syscall
+from . import sched
 
 PR_GET_TID_ADDRESS = 40
 PR_GET_NO_NEW_PRIVS = 39
