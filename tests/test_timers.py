@@ -113,6 +113,21 @@ def test_oneshot_itimer_expiring_during_the_dump_fires_after_restore(tmp_path, r
     assert run.ch.ask("check", "STATE") == "STATE OK"  # exactly one SIGALRM, disarmed
 
 
+def test_cpu_itimers_are_not_delayed_by_a_checkpoint(tmp_path, reaper):
+    # the kernel pads a CPU itimer set by setitimer by a tick: restored
+    # without taking it off, each checkpoint would delay SIGVTALRM/SIGPROF
+    # by one more tick. The target sleeps, so its CPU clocks barely move.
+    run = Run("idle", tmp_path, reaper)
+    before = [int(v) for v in run.ch.ask("get", "ITIMERS").split()[1:]]
+    run.dump()
+    run.restore()
+    after = [int(v) for v in run.ch.ask("get", "ITIMERS").split()[1:]]
+    pad = timers.cpu_itimer_slack_us()
+    assert pad > 0  # every kernel pads by 1/HZ
+    for b, a in zip(before, after):
+        assert b - 200_000 < a <= b + 1, (before, after, pad)
+
+
 def test_timer_on_another_process_cpu_clock_refused(tmp_path, reaper):
     run = Run("foreign", tmp_path, reaper)
     with pytest.raises(UnsupportedObject, match=rf"POSIX timer {run.info['id']} of process "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import struct
 
 from ..errors import CheckpointError, RestoreError, UnsupportedObject
@@ -173,9 +174,32 @@ def validate(p: process_pb2.ProcessEntry, tids: list[int]) -> None:
             bad(what, "time out of range")
 
 
+_cpu_slack_us: int | None = None
+
+
+def cpu_itimer_slack_us() -> int:
+    """What setitimer adds to the value of a CPU-time interval timer
+    (ITIMER_VIRTUAL, ITIMER_PROF): the kernel pads it by one scheduler tick
+    (TICK_NSEC, 1/HZ), which userspace cannot read; measured once on the
+    engine itself. Set back unpadded, every checkpoint of a program would
+    delay its next SIGVTALRM/SIGPROF by one more tick."""
+    global _cpu_slack_us
+    if _cpu_slack_us is None:
+        probe = 1000.0
+        old = signal.setitimer(signal.ITIMER_PROF, probe)
+        value, _ = signal.getitimer(signal.ITIMER_PROF)
+        signal.setitimer(signal.ITIMER_PROF, *old)
+        padded = (value - probe) * 1_000_000  # a tick less the CPU time the calls took
+        # a tick is 1/HZ s: take the HZ it is nearest to
+        _cpu_slack_us = 1_000_000 // round(1_000_000 / padded) if padded >= 100 else 0
+    return _cpu_slack_us
+
+
 def restore_itimers(r: Injector, p: process_pb2.ProcessEntry) -> None:
     for t in p.itimers:
         value = t.value_us or 1  # armed with its signal pending: fire at once
+        if t.which != 0 and value > 1:  # a CPU clock: the kernel pads it by a tick
+            value = max(1, value - cpu_itimer_slack_us())
         r.write(r.scratch, ITIMERVAL.pack(*divmod(t.interval_us, 1_000_000),
                                           *divmod(value, 1_000_000)))
         res = r.syscall("setitimer", t.which, r.scratch, 0)

@@ -6,6 +6,9 @@ firing after a restore.
                               helper thread, a SIGEV_NONE one-shot)
     timers_target.py oneshot  on "arm": a 0.3 s one-shot ITIMER_REAL only
     timers_target.py foreign  a timer on its parent's CPU clock (refused at dump)
+    timers_target.py idle     long ITIMER_VIRTUAL and ITIMER_PROF in a process
+                              that sleeps (uses no CPU); "get" prints their
+                              values in microseconds
 
 Prints READY {json}; on "check" it verifies its own timers for a second of
 busy time and prints STATE OK or STATE BAD reasons. The main loop burns CPU
@@ -81,6 +84,14 @@ POSIX = {"mono": (CLOCK_MONOTONIC, SIGEV_SIGNAL, RT + 1, 0.03),
 NONE_VALUE = 100.0
 
 
+def tick_padding() -> float:
+    """What the kernel adds to a CPU itimer's value at setitimer (a tick)."""
+    signal.setitimer(signal.ITIMER_PROF, 1000.0)
+    value, _ = signal.getitimer(signal.ITIMER_PROF)
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    return value - 1000.0 + 1e-6
+
+
 def setup_all() -> dict:
     for sig, _ in ITIMERS.values():
         signal.signal(sig, count)
@@ -106,9 +117,10 @@ def setup_all() -> dict:
     libc.syscall(226, spare)  # timer_delete
     for name, (_, _, _, interval) in POSIX.items():
         timer_settime(ids[name], interval or NONE_VALUE, interval)
+    pad = tick_padding()  # before arming: it uses ITIMER_PROF
     for which, (_, interval) in ITIMERS.items():
         signal.setitimer(which, interval, interval)
-    return {"ids": ids, "helper": helper_tid[0]}
+    return {"ids": ids, "helper": helper_tid[0], "pad": pad}
 
 
 def check_all(info: dict) -> list[str]:
@@ -118,7 +130,9 @@ def check_all(info: dict) -> list[str]:
         bad.append(f"timer ids {proc_timer_ids()}, created {sorted(ids.values())}")
     for which, (_, interval) in ITIMERS.items():
         value, got = signal.getitimer(which)
-        if abs(got - interval) > 1e-6 or not 0 < value <= interval + 1e-6:
+        # a CPU timer not yet expired since setitimer has a tick on top
+        top = interval + (info["pad"] if which != signal.ITIMER_REAL else 1e-6)
+        if abs(got - interval) > 1e-6 or not 0 < value <= top:
             bad.append(f"itimer {which}: value {value} interval {got}, set {interval}")
     for name, (_, _, _, interval) in POSIX.items():
         try:
@@ -154,13 +168,16 @@ def main() -> None:
     info = setup_all() if mode == "all" else {}
     if mode == "oneshot":
         signal.signal(signal.SIGALRM, count)
+    if mode == "idle":
+        signal.setitimer(signal.ITIMER_VIRTUAL, 500.0)
+        signal.setitimer(signal.ITIMER_PROF, 600.0)
     if mode == "foreign":  # MAKE_PROCESS_CPUCLOCK(ppid, CPUCLOCK_SCHED)
         info["id"] = timer_create(~os.getppid() << 3 | 2, SIGEV_NONE, 0, 0)
     print("READY " + json.dumps(info), flush=True)
     stdin = sys.stdin.fileno()
     buf = b""
     while True:
-        r, _, _ = select.select([stdin], [], [], 0)
+        r, _, _ = select.select([stdin], [], [], None if mode == "idle" else 0)
         if not r:
             busy(0.01)
             continue
@@ -177,6 +194,10 @@ def main() -> None:
             if cmd == "arm":
                 signal.setitimer(signal.ITIMER_REAL, 0.3)
                 print("ARMED", flush=True)
+            elif cmd == "get":
+                us = [round(signal.getitimer(w)[0] * 1e6)
+                      for w in (signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)]
+                print("ITIMERS " + " ".join(map(str, us)), flush=True)
             elif cmd == "count":
                 print(f"COUNT {counts.get(signal.SIGALRM, 0)}", flush=True)
             elif cmd == "check" and mode == "all":
