@@ -22,12 +22,12 @@ import os
 import signal
 import time
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
 from . import faults, hooks
 from . import state as state_table
-from .freezer import FrozenProcess, freeze_process
+from .freezer import FrozenProcess, FrozenTree, freeze_process, freeze_tree
 from .interrupt import check as check_stop
 from .interrupt import stoppable
 from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
@@ -42,6 +42,7 @@ from .objects import madvise
 from .objects import mm as mm_obj
 from .objects.files import dump_files
 from .objects import process as proc_obj
+from .objects import pstree as tree_obj
 from .objects import signals as sig_obj
 from .objects import threads as thr_obj
 from .objects import timers as timer_obj
@@ -83,6 +84,10 @@ class DumpStats:
     frozen_at: float = 0.0
     #: time.perf_counter() when it was thawed (0: a final round)
     thawed_at: float = 0.0
+    #: the processes of the tree, the root first: pid, threads, vmas,
+    #: pages (data pages of the round), full_reason
+    processes: list = field(default_factory=list)
+    zombies: list = field(default_factory=list)  # PIDs of the zombie children recorded
 
     def as_json(self) -> dict:
         """The fields, plus the names every verb uses for the layer (``index``,
@@ -105,7 +110,7 @@ class Checkpointer:
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
                  action_scripts: list[str] | None = None, file_locks: bool = False,
-                 skip_children: bool = False):
+                 skip_children: bool = False, tree: bool = True):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -138,15 +143,25 @@ class Checkpointer:
         self.file_locks = file_locks
         #: dump a process that has children alone (they are not in the image)
         self.skip_children = skip_children
+        #: dump the process with all its descendants (CRIU's -t); off: a
+        #: process with children is refused unless skip_children
+        self.tree = tree and not skip_children
         self.progress = progress
         self.freeze_timeout = freeze_timeout
         #: called as on_frozen(frozen_process) inside every freeze, after the
         #: dirty set was taken (an orchestrator's hook, like CRIU's action scripts)
         self.on_frozen = on_frozen
-        self.tracker: Tracker | None = None
+        self.tracker: Tracker | None = None  # the root's
+        #: the trackers of the tree's other processes, by PID, and the start
+        #: time of the process each belongs to (a PID may be reused)
+        self.trackers: dict[int, Tracker] = {}
+        self._starts: dict[int, int] = {}
+        #: tracker states of other processes in the chain: pid -> (state, start_time)
+        self._saved: dict[int, tuple] = {}
+        self._known: list[int] = []  # the other processes of the last round
         self._last = None  # (path, (ino, size, mtime_ns), ParentRef) of the layer we wrote last
         self._vmflags: dict[tuple, frozenset] = {}  # VmFlags of the VMAs seen, by _flag_key
-        self._mm_probed = False  # refuse_mm_wide ran in a round of this engine
+        self._mm_probed: set[int] = set()  # refuse_mm_wide ran for these in this engine
         self._created_dir = False
         if store is None:
             self._prepare_dir()
@@ -255,9 +270,13 @@ class Checkpointer:
                                      f"started at tick {trees[0].start_time}); target "
                                      f"{self.pid} started at tick {target_start}: use a new images "
                                      "directory", path=self.images_dir)
+                starts = {m.pid: m.start_time for m in trees}
+                self._saved = {}
                 for _, m in chain.records("tracker"):
                     if m.pid == self.pid:
                         saved = m
+                    elif m.pid in starts:
+                        self._saved[m.pid] = (m, starts[m.pid])
                 # a chain may go on after a dump that left the target running
                 # (dump -R arms the tracker: periodic incremental checkpoints)
                 if top_dump and not (saved is not None and saved.tracker == tracker_cls.name
@@ -325,50 +344,63 @@ class Checkpointer:
     def _do_round(self, *, final: bool, leave_running: bool, commit=None,
                   hold: float = 0.0) -> DumpStats:
         self._load_chain_state()
-        tracker = self.tracker
+        root_tracker = self.tracker
         kind = KIND_DUMP if final else KIND_PREDUMP
-        writer = self._open_writer(kind, tracker.name)
+        writer = self._open_writer(kind, root_tracker.name)
         progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
-        proc: FrozenProcess | None = None
-        lost: list[tuple[int, int]] = []  # ranges that vanished before they were read
+        tree: FrozenTree | None = None
+        lost: dict[int, list[tuple[int, int]]] = {}  # ranges that vanished before they were read
         try:
             # smaps is costly (the kernel walks every page table for its
             # counters): a pre-dump learns the VmFlags of new VMAs here, outside
             # the freeze; a final dump reads them inside it (_metadata)
             hooks.run(self.action_scripts, "pre-dump", pid=self.pid, images_dir=self.images_dir)
             if not final:
-                try:  # outside the freeze, where it costs nothing frozen
-                    self._learn_vmflags(procfs.read_maps(self.pid))
-                except CheckpointError:
-                    pass  # (not permitted, gone): the freeze says so, in its words
+                for pid in [self.pid, *self._known]:
+                    try:  # outside the freeze, where it costs nothing frozen
+                        self._learn_vmflags(pid, procfs.read_maps(pid))
+                    except CheckpointError:
+                        pass  # (not permitted, gone): the freeze says so, in its words
             proc_obj.zombie_leader(self.pid)
             t_frozen = time.perf_counter()
-            proc = freeze_process(self.pid, self.freeze_timeout)
+            tree = self._freeze()
             try:
                 faults.point("round.frozen")
-                tracker.bind(proc)
-                full_reason = tracker.full_reason(self.pid) or ""
-                log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
-                         self.pid, proc.freezing_ms, tracker.name,
+                procs = tree.procs
+                self._known = [p.pid for p in procs[1:]]
+                trackers = self._bind_trackers(tree)
+                full_reasons = {p.pid: trackers[p.pid].full_reason(p.pid) or "" for p in procs}
+                full_reason = full_reasons[self.pid]
+                log.info("froze %d process(es), %d threads in %.2f ms; tracker %s%s",
+                         len(procs), sum(len(p.tids) for p in procs), tree.freezing_ms,
+                         root_tracker.name,
                          f" (full layer: {full_reason})" if full_reason else "")
-                records = self._metadata(proc, final)
-                vmas = records.pop("_vmas")
+                recs = {p.pid: self._metadata(p, final) for p in procs}
+                vmas_of = {pid: r.pop("_vmas") for pid, r in recs.items()}
+                linked = tree_obj.link_tree(recs, tree, final=final)
                 check_stop()
-                tracker.whole_vmas.clear()
-                regions = _collect(tracker, self.pid, vmas)
+                regions: dict[int, Regions] = {}
+                for p in procs:
+                    tr = trackers[p.pid]
+                    tr.whole_vmas.clear()
+                    regions[p.pid] = _collect(tr, p.pid, vmas_of[p.pid],
+                                              skip=linked.get(p.pid, ()))
                 faults.point("round.collected")
                 # a dump that kills the target ends the chain: nothing to arm
                 # for; -R keeps tracking, so the next checkpoint is incremental
                 if not final or leave_running:
-                    tracker.arm(self.pid, vmas)
+                    for p in procs:
+                        trackers[p.pid].arm(p.pid, vmas_of[p.pid])
                     faults.point("round.armed")
                 if self.on_frozen is not None:
-                    self.on_frozen(proc)
-                log.info("%d VMAs, %d pages to write", len(vmas), regions.data_pages)
+                    self.on_frozen(procs[0])
+                data_pages = sum(r.data_pages for r in regions.values())
+                log.info("%d VMAs, %d pages to write",
+                         sum(len(v) for v in vmas_of.values()), data_pages)
                 thawed: dict = {}
 
                 def thaw() -> None:
-                    proc.thaw()
+                    tree.thaw()
                     thawed["at"] = time.perf_counter()
                     thawed["ms"] = (thawed["at"] - t_frozen) * 1e3
                     log.info("thawed after %.2f ms; writing pages while it runs",
@@ -378,53 +410,71 @@ class Checkpointer:
                 if not final and not hold:
                     thaw()
                 t_mem = time.perf_counter()
-                mem_ms = self._write_pages(
-                    writer, regions, progress, lost=None if final else lost,
-                    thaw=None if final or not hold else (int(regions.data_pages * hold),
-                                                         thaw))
+                progress.total(data_pages)
+                mem_ms = 0.0
+                for p in procs:
+                    held = None
+                    if not final and hold and tree.threads:
+                        held = (int(regions[p.pid].data_pages * hold), thaw) \
+                            if p is procs[-1] else None
+                    mem_ms += self._write_pages(
+                        writer, p.pid, regions[p.pid], progress,
+                        lost=None if final else lost.setdefault(p.pid, []), thaw=held)
                 if not final:
-                    if proc.threads:
+                    if tree.threads:
                         thaw()
                     frozen_ms = thawed["ms"]
                 faults.point("round.written")
-                if lost:
-                    tracker.lost(lost)
-                    log.info("%d ranges (%d pages) vanished before they were read; the next "
-                             "round takes their VMAs whole", len(lost),
-                             sum(e - s for s, e in lost) // PAGE_SIZE)
-                records["tracker"] = tracking_pb2.TrackerStateEntry(
-                    pid=self.pid, tracker=tracker.name, state=tracker.state_bytes(),
-                    full_reason=full_reason)
-                if full_reason or not self.count_skipped:
-                    present = 0
-                elif final:  # the smaps counters read inside the freeze
-                    present = sum(v.anon_kb for v in vmas) * 1024 // PAGE_SIZE
-                else:  # after the thaw: costs no frozen time
-                    present = _count_present(self.pid, vmas)
+                vanished = 0
+                for pid, ranges in lost.items():
+                    if ranges:
+                        trackers[pid].lost(ranges)
+                        n = sum(e - s for s, e in ranges) // PAGE_SIZE
+                        vanished += n
+                        log.info("%d ranges (%d pages) of %d vanished before they were read;"
+                                 " the next round takes their VMAs whole", len(ranges), n, pid)
+                present = 0
+                for p in procs:
+                    tr = trackers[p.pid]
+                    recs[p.pid]["tracker"] = tracking_pb2.TrackerStateEntry(
+                        pid=p.pid, tracker=tr.name, state=tr.state_bytes(),
+                        full_reason=full_reasons[p.pid])
+                    if full_reasons[p.pid] or not self.count_skipped:
+                        pass
+                    elif final:  # the smaps counters read inside the freeze
+                        present += sum(v.anon_kb for v in vmas_of[p.pid]) * 1024 // PAGE_SIZE
+                    else:  # after the thaw: costs no frozen time
+                        present += _count_present(p.pid, vmas_of[p.pid])
             except BaseException:
-                if proc.threads:
-                    proc.thaw()
+                if tree.threads:
+                    tree.thaw()
                 raise
             if final and log.isEnabledFor(logging.INFO):
-                for line in state_table.found(records):
-                    log.info("found %s", line)
-            for kind_, msg in records.items():
-                for m in (msg if isinstance(msg, list) else [msg]):
-                    writer.add_record(kind_, m)
-            pages_scanned = sum(v.pages for v in vmas if trackable(v))
-            vanished = sum(e - s for s, e in lost) // PAGE_SIZE
-            skipped = max(0, present - regions.data_pages + vanished)
+                for pid, rec in recs.items():
+                    for line in state_table.found(rec):
+                        log.info("found %s%s", f"in {pid}: " if len(recs) > 1 else "", line)
+            # the tree's order: the root, then parents before children; zombies last
+            for pid, rec in recs.items():
+                for kind_, msg in rec.items():
+                    for m in (msg if isinstance(msg, list) else [msg]):
+                        writer.add_record(kind_, m)
+            for rec in tree_obj.zombie_records(tree):
+                writer.add_record("pstree", rec)
+            pages_scanned = sum(v.pages for vs in vmas_of.values() for v in vs if trackable(v))
+            skipped = max(0, present - data_pages + vanished)
             write_ms = (time.perf_counter() - t_mem) * 1e3 - mem_ms
             if final:  # still frozen; the layer's record stops short of its own publication
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
             check_stop()
-            if final and _dying(self.pid):
-                # its state was taken frozen, but a final layer of a process
-                # that was killed meanwhile is not published as a checkpoint
-                raise TargetExited(f"process {self.pid} was killed during the dump; nothing "
-                                   "was published", self.pid)
+            if final:
+                dying = [p.pid for p in procs if _dying(p.pid)]
+                if dying:
+                    # its state was taken frozen, but a final layer of a process
+                    # that was killed meanwhile is not published as a checkpoint
+                    raise TargetExited(f"process {dying[0]} was killed during the dump; "
+                                       "nothing was published", dying[0])
             faults.point("round.publish")
-            st = writer.close(freezing_ms=proc.freezing_ms, frozen_ms=frozen_ms,
+            st = writer.close(freezing_ms=tree.freezing_ms, frozen_ms=frozen_ms,
                               memdump_ms=mem_ms, memwrite_ms=write_ms,
                               pages_scanned=pages_scanned, pages_skipped_parent=skipped)
             # the commit point: from here on the round completes, signals or not
@@ -433,7 +483,7 @@ class Checkpointer:
             if final:  # the whole window, publication (fsync, rename) included
                 frozen_ms = (time.perf_counter() - t_frozen) * 1e3
         except OSError as exc:
-            self._failed(writer, proc, exc)
+            self._failed(writer, tree, exc)
             if exc.errno == errno.ENOSPC:
                 raise CheckpointError(f"no space left on device writing the layer into "
                                       f"{self.images_dir}; nothing was published") from None
@@ -443,7 +493,7 @@ class Checkpointer:
             raise CheckpointError(f"dump of {self.pid} failed: {exc}; nothing was "
                                   "published") from None
         except BaseException as exc:
-            self._failed(writer, proc, exc)
+            self._failed(writer, tree, exc)
             raise
         finally:
             progress.close()
@@ -454,8 +504,8 @@ class Checkpointer:
                 hooks.run(self.action_scripts, "post-dump", pid=self.pid,
                           images_dir=self.images_dir)
             except BaseException:
-                if proc.threads:
-                    proc.thaw()
+                if tree.threads:
+                    tree.thaw()
                 raise
         if self.store is not None or commit is not None:
             try:
@@ -464,41 +514,86 @@ class Checkpointer:
                 if final and commit is not None:
                     commit()
             except BaseException as exc:
-                if proc.threads:
-                    proc.thaw()
-                if self.tracker is not None:
-                    self.tracker.reset(f"the previous round was not committed "
-                                       f"({type(exc).__name__})")
+                if tree.threads:
+                    tree.thaw()
+                for tr in [self.tracker, *self.trackers.values()]:
+                    tr.reset(f"the previous round was not committed ({type(exc).__name__})")
                 raise
         if final:
             if leave_running:
-                proc.thaw()
+                tree.thaw()
             else:
-                proc.kill()
-                log.info("killed %d", self.pid)
+                tree.kill()
+                log.info("killed %s", ", ".join(str(p.pid) for p in procs))
         if self.store is None and (not final or leave_running):
             self._remember(st)
-        return DumpStats(layer=st.index, kind=kind, tracker=tracker.name,
-                         full_reason=full_reason, freezing_ms=proc.freezing_ms,
+        return DumpStats(layer=st.index, kind=kind, tracker=root_tracker.name,
+                         full_reason=full_reason, freezing_ms=tree.freezing_ms,
                          frozen_ms=frozen_ms, memdump_ms=mem_ms, memwrite_ms=write_ms,
                          pages_scanned=pages_scanned, pages_written=st.pages,
                          pages_skipped_parent=skipped,
                          pages_zero=st.pages_zero, pages_vanished=vanished,
                          bytes_raw=st.bytes_raw, bytes_stored=st.bytes_stored, path=st.path,
                          layer_id=st.layer_id, frozen_at=t_frozen,
-                         thawed_at=thawed.get("at", 0.0))
+                         thawed_at=thawed.get("at", 0.0),
+                         processes=[{"pid": p.pid, "threads": len(p.tids),
+                                     "vmas": len(vmas_of[p.pid]),
+                                     "pages": regions[p.pid].data_pages,
+                                     "full_reason": full_reasons[p.pid]} for p in procs],
+                         zombies=[z.pid for z in tree.zombies])
 
-    def _failed(self, writer, proc: FrozenProcess | None, exc: BaseException) -> None:
+    def _freeze(self) -> FrozenTree:
+        """The target, and unless ``tree`` is off its descendants, frozen."""
+        if not self.tree:
+            proc = freeze_process(self.pid, self.freeze_timeout)
+            return FrozenTree(self.pid, [proc], [], proc.freezing_ms)
+        return freeze_tree(self.pid, self.freeze_timeout)
+
+    def _bind_trackers(self, tree: FrozenTree) -> dict[int, Tracker]:
+        """One tracker per process (its own address space). A process new to
+        the chain, or whose PID now names another process, starts full."""
+        cls = type(self.tracker)
+        out: dict[int, Tracker] = {}
+        for p in tree.procs:
+            if p.pid == self.pid:
+                out[p.pid] = self.tracker
+                self.tracker.bind(p)
+                continue
+            tr = self.trackers.get(p.pid)
+            start = proc_obj.start_time(p.pid)
+            if tr is None or self._starts.get(p.pid) != start:
+                if tr is not None and hasattr(tr, "close"):
+                    tr.close()
+                saved = self._saved.pop(p.pid, None)
+                if saved is not None and saved[1] == start and saved[0].tracker == cls.name:
+                    tr = cls.from_state(saved[0].state)
+                else:
+                    tr = cls()
+                tr.max_pages = self.max_pages
+                self.trackers[p.pid] = tr
+                self._starts[p.pid] = start
+            out[p.pid] = self.trackers[p.pid]
+            out[p.pid].bind(p)
+        for pid in [q for q in self.trackers if q not in out]:  # exited since
+            tr = self.trackers.pop(pid)
+            self._starts.pop(pid, None)
+            if hasattr(tr, "close"):
+                tr.close()
+        return out
+
+    def _failed(self, writer, tree: "FrozenTree | None", exc: BaseException) -> None:
         """A round that did not publish its layer: drop the layer, release the
         target, and make the next round full. The tracker may already have
         cleared the dirty bits for the layer that was lost; an incremental
         layer after it would miss those pages."""
         writer.abort()
-        if proc is not None and proc.threads:
-            proc.thaw()
-        if self.tracker is not None:
-            self.tracker.reset(f"the previous round failed before its layer was published "
-                               f"({type(exc).__name__})")
+        if tree is not None and tree.threads:
+            tree.thaw()
+        for tr in [self.tracker, *self.trackers.values()]:
+            if tr is None:
+                continue
+            tr.reset(f"the previous round failed before its layer was published "
+                     f"({type(exc).__name__})")
 
     # -- pieces ---------------------------------------------------------------
 
@@ -507,7 +602,7 @@ class Checkpointer:
         tree, the memory map and the process record (a live migration's
         destination maps the files as that process's user before the final
         layer); a dump holds everything."""
-        pid = self.pid
+        pid = proc.pid
         out: dict = {}
         cores = []
         with Injector(proc, _leader(proc)) as remote:
@@ -515,9 +610,9 @@ class Checkpointer:
             thp_off = madvise.thp_disabled(remote)
             # the probe costs injected calls in the freeze: once per engine
             # (a migration learns it in its first round) and in the final dump
-            if final or not self._mm_probed:
+            if final or pid not in self._mm_probed:
                 madvise.refuse_mm_wide(remote)
-                self._mm_probed = True
+                self._mm_probed.add(pid)
             vdso = mm_obj.vdso_identity(pid, proc.maps(), proc.mem)
             out["process"] = proc_obj.dump_process(remote, vdso)
             if final:
@@ -540,11 +635,12 @@ class Checkpointer:
             vmas = procfs.read_smaps(pid)
         else:  # the flags the restore needs (growsdown, noreserve) for every VMA
             vmas = procfs.read_maps(pid)
-            self._learn_vmflags(vmas)
-            vmas = [procfs.with_flags(v, self._vmflags[_flag_key(v)]) for v in vmas]
+            self._learn_vmflags(pid, vmas)
+            vmas = [procfs.with_flags(v, self._vmflags[_flag_key(pid, v)]) for v in vmas]
         proc_obj.refuse_sysv_shm(vmas)
         # in pre-dumps too: a migration learns it before it copies anything
-        proc_obj.refuse_children(pid, proc.tids, self.skip_children)
+        if not self.tree:
+            proc_obj.refuse_children(pid, proc.tids, self.skip_children)
         out["pstree"] = proc_obj.dump_pstree(pid, proc.tids)
         out["mm"] = mm_obj.dump_mm(pid, vmas, brk, thp_off)
         if final:
@@ -556,17 +652,19 @@ class Checkpointer:
         out["_vmas"] = vmas
         return out
 
-    def _learn_vmflags(self, vmas: list[procfs.Vma]) -> None:
+    def _learn_vmflags(self, pid: int, vmas: list[procfs.Vma]) -> None:
         """VmFlags never change for a mapping that stays the same, and smaps is
         costly: read it only when a VMA is new (before a pre-dump's freeze,
         so that inside it there is nothing left to learn, normally)."""
-        if any(_flag_key(v) not in self._vmflags for v in vmas):
-            smaps = procfs.read_smaps(self.pid)
-            self._vmflags = {_flag_key(w): w.vmflags for w in smaps}
+        if any(_flag_key(pid, v) not in self._vmflags for v in vmas):
+            smaps = procfs.read_smaps(pid)
+            for k in [k for k in self._vmflags if k[0] == pid]:
+                del self._vmflags[k]
+            self._vmflags.update({_flag_key(pid, w): w.vmflags for w in smaps})
             for v in vmas:  # gone meanwhile: none of the flags a restore needs
-                self._vmflags.setdefault(_flag_key(v), frozenset())
+                self._vmflags.setdefault(_flag_key(pid, v), frozenset())
 
-    def _write_pages(self, writer, regions: "Regions", progress: "Progress",
+    def _write_pages(self, writer, pid: int, regions: "Regions", progress: "Progress",
                      lost: list[tuple[int, int]] | None = None, thaw=None) -> float:
         """Read the data regions from the target straight into the writer's
         frame buffer, in address order, zero regions as zero. Scattered
@@ -580,12 +678,10 @@ class Checkpointer:
         next round). Inside a freeze nothing can vanish: any failure is one.
         ``thaw``: (pages, callback): thaw the target once that many pages
         were read (a held pre-dump)."""
-        pid = self.pid
         try:
             fd = procfs.open_proc_fd(pid, "mem")
         except NoSuchProcess:
             raise TargetExited(f"process {pid} exited during the dump", pid) from None
-        progress.total(regions.data_pages)
         read_s = 0.0
         done = 0
         runs: list[tuple[int, int]] = []  # (addr, npages) of the pending batch
@@ -667,8 +763,10 @@ class Checkpointer:
         return read_s * 1e3
 
     def close(self) -> None:
-        if self.tracker is not None and hasattr(self.tracker, "close"):
-            self.tracker.close()
+        for tr in [self.tracker, *self.trackers.values()]:
+            if tr is not None and hasattr(tr, "close"):
+                tr.close()
+        self.trackers.clear()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -686,20 +784,23 @@ class Regions:
         self.data_pages = 0
 
 
-def _collect(tracker: Tracker, pid: int, vmas: list[procfs.Vma]) -> Regions:
+def _collect(tracker: Tracker, pid: int, vmas: list[procfs.Vma], skip=()) -> Regions:
     """Run the tracker and lay its regions out in address order, as flat
     (start, end, flags) triples: no Python object per region on the common
     path. VMAs reported whole get their pages without content marked zero
     (so older layers' pages at those addresses never come back); VMAs whose
     pages may live outside the process's page tables (shared anonymous
-    memory, memfd, deleted files) are taken whole, as data."""
+    memory, memfd, deleted files) are taken whole, as data, but those whose
+    object another process of the tree holds first (``skip``, VMA starts):
+    its layer carries the pages."""
     out = Regions()
     per_vma: dict[tuple, list[bytes]] = {}
     for batch in tracker.collect(pid, vmas):
         # batches are views over the scanner's reused vector: copy them out
         per_vma.setdefault(vma_key(batch.vma), []).append(batch.regions.tobytes())
     for v in vmas:
-        if v.path in mm_obj.SPECIAL or mm_obj.content_in_file(v) or not trackable(v):
+        if v.path in mm_obj.SPECIAL or mm_obj.content_in_file(v) or not trackable(v) \
+                or v.start in skip:
             continue
         if mm_obj.taken_whole(v):
             out.rows.extend((v.start, v.end, 0))
@@ -769,8 +870,8 @@ def _copy_layer(src: str, dst: str) -> None:
     os.rename(tmp, dst)
 
 
-def _flag_key(v: procfs.Vma) -> tuple:
-    return (v.start, v.end, v.inode, v.offset, v.perms, v.path)
+def _flag_key(pid: int, v: procfs.Vma) -> tuple:
+    return (pid, v.start, v.end, v.inode, v.offset, v.perms, v.path)
 
 
 def _count_present(pid: int, vmas: list[procfs.Vma]) -> int:

@@ -425,3 +425,143 @@ def freeze(pid: int, timeout: float = DEFAULT_TIMEOUT) -> Iterator[FrozenProcess
     finally:
         if proc is not None:
             proc.thaw()
+
+
+@dataclass
+class Zombie:
+    """A child that exited and is not reaped yet: nothing to freeze."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    exit_code: int   # its wait status (/proc/PID/stat exit_code)
+    comm: str
+    start_time: int
+
+
+@dataclass
+class FrozenTree:
+    """A process and every descendant, each frozen (``procs``, the root
+    first, parents before children), and the zombie children found."""
+
+    root: int
+    procs: list[FrozenProcess] = field(default_factory=list)
+    zombies: list[Zombie] = field(default_factory=list)
+    freezing_ms: float = 0.0
+
+    @property
+    def by_pid(self) -> dict[int, FrozenProcess]:
+        return {p.pid: p for p in self.procs}
+
+    @property
+    def threads(self) -> bool:
+        """Something is still frozen."""
+        return any(p.threads for p in self.procs)
+
+    def thaw(self) -> None:
+        """Children first: a parent thawed first could wait() for one still
+        stopped; every process is released even when one fails."""
+        errors = []
+        for p in reversed(self.procs):
+            try:
+                p.thaw()
+            except FreezeError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise FreezeError("; ".join(errors), self.root)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            with deferred_signals():
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            p.kill()
+
+
+def _children_of(pid: int, tids) -> list[int]:
+    out: set[int] = set()
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def freeze_tree(root: int, timeout: float = DEFAULT_TIMEOUT,
+                max_procs: int = 4096) -> FrozenTree:
+    """Freeze ``root`` and all its descendants. A process forking while the
+    tree is frozen has its new child found and frozen too: the tree is
+    listed again until a pass finds nothing new (a frozen process cannot
+    fork, so this ends). A child that exits meanwhile is left out, or
+    recorded as a zombie; on any failure nothing stays stopped."""
+    t0 = time.perf_counter()
+    tree = FrozenTree(root)
+    frozen: dict[int, FrozenProcess] = {}
+    zombies: dict[int, Zombie] = {}
+    try:
+        frozen[root] = freeze_process(root, timeout)
+        order = [root]
+        while True:
+            check_stop()
+            found = False
+            for pid in list(order):
+                proc = frozen.get(pid)
+                if proc is None:
+                    continue
+                for kid in _children_of(pid, proc.tids):
+                    if kid in frozen or kid in zombies:
+                        continue
+                    if len(frozen) + len(zombies) >= max_procs:
+                        raise FreezeError(f"the tree of {root} has more than {max_procs} "
+                                          "processes", root)
+                    z = _zombie(kid)
+                    if z is not None:
+                        zombies[kid] = z
+                        order.append(kid)
+                        continue
+                    try:
+                        frozen[kid] = freeze_process(kid, timeout)
+                    except (NoSuchProcess, TargetExited):
+                        z = _zombie(kid)   # it exited meanwhile
+                        if z is not None:
+                            zombies[kid] = z
+                            order.append(kid)
+                        continue
+                    except TargetError as exc:
+                        if _zombie(kid) is not None:
+                            zombies[kid] = _zombie(kid)
+                            order.append(kid)
+                            continue
+                        raise type(exc)(f"child {kid} of {pid}: {exc}", kid) from None
+                    order.append(kid)
+                    found = True
+            if not found:
+                break
+        tree.procs = [frozen[p] for p in order if p in frozen]
+        tree.zombies = [zombies[p] for p in order if p in zombies]
+    except BaseException:
+        for p in reversed(list(frozen.values())):
+            try:
+                p.thaw()
+            except FreezeError:
+                pass
+        raise
+    tree.freezing_ms = (time.perf_counter() - t0) * 1e3
+    return tree
+
+
+def _zombie(pid: int) -> Zombie | None:
+    try:
+        st = procfs.read_stat(pid)
+    except CheckpointError:
+        return None
+    if st.state not in ("Z", "X"):
+        return None
+    return Zombie(pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session,
+                  exit_code=st.exit_code, comm=st.comm, start_time=st.starttime)

@@ -105,7 +105,7 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
         restoring = bool(dest.get("restore"))
         rtt = _rtt(conn)
         chain = RemoteChain(conn, bandwidth=bandwidth)
-        with Checkpointer(pid, None, store=chain, track=track, threads=threads,
+        with Checkpointer(pid, None, store=chain, track=track, threads=threads, tree=False,
                           compress_level=compress_level, progress=False,
                           count_skipped=False, skip_children=skip_children,
                           file_locks=file_locks, external_fds=external_fds) as ck:

@@ -52,10 +52,11 @@ from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
 from .objects import madvise
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
+from .objects import pstree as tree_obj
 from .objects import sched as sched_obj
 from .objects import session as session_obj
 from .objects import timers as timer_obj
-from .objects.files import open_path, premake_memfds, restore_files
+from .objects.files import open_path, premake_memfds, pull_tree_fds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
 from .progress import Progress
 
@@ -92,6 +93,8 @@ class Restored:
     detached: bool = False
     pid_ns: bool = False
     waiter: int = 0  # our child to wait for: the process itself, or its namespace's keeper
+    #: the PIDs of the restored tree (as dumped), the root first
+    tree: list = None
     _status: int | None = None
     _reaper: object = None
 
@@ -139,7 +142,8 @@ class Restored:
 
     def as_json(self) -> dict:
         return {"pid": self.pid, "restore_ms": self.restore_ms,
-                "pages_restored": self.pages_restored, "layers": self.layers}
+                "pages_restored": self.pages_restored, "layers": self.layers,
+                "processes": list(self.tree or [self.pid])}
 
 
 # --------------------------------------------------------------------------
@@ -545,6 +549,10 @@ class _Builder:
         self.session: session_obj.Plan | None = None  # set by the caller that spawned it
         #: a progress bar of the pages on a terminal (None: when stderr is one)
         self.progress: bool | None = False
+        #: a process of a tree: the PIDs of the other processes as the engine
+        #: sees them (by dumped PID), for the objects they share with this one
+        self.engine_pids: dict[int, int] = {}
+        self.tree_maps: dict[int, int] = {}   # VMA start -> fd of the shared object
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -555,6 +563,8 @@ class _Builder:
         # with the engine instead
         with Injector(self.proc, self.proc.pid, safe=False) as r:
             self.begin(r)
+            self._what = "memory shared with other processes of the tree"
+            self.tree_maps = self._open_tree_maps(r)
             with self.privs.as_dumped():
                 self._map_vmas(r)
             self._what = "memory pages"
@@ -597,10 +607,12 @@ class _Builder:
         self._set_mm(r, privs)
         self._what = "signal dispositions"
         self._sigactions(r)
+        self._what = "files shared with other processes of the tree"
+        links = pull_tree_fds(r, rec["files"])  # before the dumped credentials
         self._what = "files"
         with privs.as_dumped():
             restore_files(r, rec["files"], inherit=self.inherit, privs=privs,
-                          premade=self.premade)
+                          premade=self.premade, tree_links=links)
         self._what = "process attributes"
         self._process_attrs(r)
         if self.session is not None:
@@ -755,6 +767,8 @@ class _Builder:
                         fd = self._open_checked(r, v.path, acc, (v.dev, v.inode), "mapped file")
                         opened[(v.path, acc)] = fd
                     off = v.offset
+                elif v.start in self.tree_maps:
+                    fd, off = self.tree_maps[v.start], v.offset
                 elif v.path.startswith("/memfd:") and (v.dev, v.inode) in self.premade:
                     fd, off = self.premade[(v.dev, v.inode)], v.offset
                 else:
@@ -766,8 +780,38 @@ class _Builder:
                 if got != v.start:
                     raise RestoreError(f"mmap put {self._what} at {got:#x}")
         finally:
-            for fd in opened.values():
+            for fd in [*opened.values(), *self.tree_maps.values()]:
                 r.syscall("close", fd)
+            self.tree_maps = {}
+
+    def _open_tree_maps(self, r: Injector) -> dict[int, int]:
+        """The shared memory objects an earlier process of the tree mapped
+        (VmaEntry.shared_pid): opened from its mapping (/proc/PID/map_files,
+        which needs the placeholder's CAP_SYS_ADMIN: before the dumped
+        credentials), one fd per VMA."""
+        out: dict[int, int] = {}
+        try:
+            for v in self.rec["mm"].vmas:
+                if not v.shared_pid:
+                    continue
+                src = self.engine_pids.get(v.shared_pid)
+                if src is None:
+                    raise RestoreError(f"VMA {v.start:#x}: process {v.shared_pid} it shares "
+                                       "memory with was not restored")
+                path = f"/proc/{src}/map_files/{v.shared_start:x}-{v.shared_end:x}"
+                acc = O_RDWR if v.prot & 2 or "mw" in v.vmflags else O_RDONLY
+                r.write(r.scratch, path.encode() + b"\0")
+                res = r.syscall("openat", AT_FDCWD, r.scratch, acc | O_CLOEXEC, 0)
+                if res < 0:
+                    raise RestoreError(f"VMA {v.start:#x}-{v.end:#x}: cannot open the memory "
+                                       f"it shares with process {v.shared_pid} ({path}): "
+                                       f"{os.strerror(-res)}")
+                out[v.start] = res
+        except BaseException:
+            for fd in out.values():
+                r.syscall("close", fd)
+            raise
+        return out
 
     def _write_pages(self) -> None:
         """Every data page from the newest layer holding it, inside the
@@ -776,7 +820,7 @@ class _Builder:
         pid = self.rec["pstree"].pid
         # a shared mapping of a memfd made from its fd shows the memfd's content
         spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
-                       if v.path not in mm_obj.SPECIAL
+                       if v.path not in mm_obj.SPECIAL and not v.shared_pid
                        and not v.status & mm_obj.VMA_CONTENT_IN_FILE
                        and not (v.flags & 0x01 and v.path.startswith("/memfd:")
                                 and (v.dev, v.inode) in self.premade))
@@ -915,6 +959,47 @@ class _Builder:
                 r.call("rt_tgsigqueueinfo", pid, tid, sig, r.scratch)
 
 
+def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_block: str,
+                session, progress) -> int:
+    """Build every process of ``nodes`` (the root's placeholder is in
+    ``procs``, which gets the others as they are forked): the forks first,
+    each from its parent's placeholder with its PID, sessions at the fork,
+    then the process groups and the zombies, then each live process in the
+    tree's order (the objects it shares come from processes built before
+    it). Returns the pages written."""
+    root = nodes[0]
+    timeout = procs[root.pid].timeout
+    for n in nodes[1:]:
+        check_stop()
+        try:
+            procs[n.pid] = tree_obj.fork_child(procs[n.tree.ppid], n, timeout)
+        except (OSError, InjectionError) as exc:
+            raise RestoreError(f"forking process {n.pid}: {exc}") from None
+    if len(nodes) > 1:
+        with Injector(procs[root.pid], procs[root.pid].pid, safe=False) as r:
+            root_pgid = r.syscall("getpgid", 0)
+        tree_obj.set_groups(nodes, procs, max(root_pgid, 0))
+        tree_obj.make_zombies(nodes, procs)
+    engine_pids = {n.pid: p.pid for n, p in ((n, procs.get(n.pid)) for n in nodes) if p}
+    pages = 0
+    for n in nodes:
+        if n.rec is None:
+            continue
+        b = _Builder(chain, n.rec, procs[n.pid], inherit if n is root else {}, restart_block)
+        b.session = session if n is root else None
+        b.progress, b.engine_pids = progress, engine_pids
+        b._what = "start"
+        try:
+            b.run()
+        except (OSError, InjectionError, CheckpointError) as exc:
+            if isinstance(exc, (RestoreError, Interrupted)):
+                raise
+            who = f"process {n.pid}: " if len(nodes) > 1 else ""
+            raise RestoreError(f"restoring {who}{b._what} failed: {exc}") from None
+        pages += b.pages
+    return pages
+
+
 def _written_shared_ro(v, fd: int) -> bool:
     """A shared mapping the restore maps anonymous (shmem: shared anonymous
     memory, a deleted file's or a memfd's that no fd brought back) and
@@ -985,14 +1070,17 @@ def _stdio_plan(files, inherit: dict[str, int], stdio: str) -> tuple[dict[str, i
     return keys, opened
 
 
-def _refuse_lone_pipe_ends(files, covered: dict[str, int], stdio: str) -> None:
-    """A pipe of which the process held only one end led to another process:
+def _refuse_lone_pipe_ends(fds, covered: dict[str, int], stdio: str, root_fds=()) -> None:
+    """A pipe of which the tree held only one end led to another process:
     restored alone, its writes would die of SIGPIPE and its reads see EOF.
-    Refuse it, naming the fd and how to give it a stand-in."""
+    Refuse it, naming the fd and how to give it a stand-in. ``covered``
+    (links or "fdN" of the root's ``root_fds``) have one."""
     modes: dict[tuple[int, int], set[int]] = {}
     first: dict[tuple[int, int], object] = {}
-    for e in files.fds:
-        if e.type != files_pb2.FD_PIPE or e.path in covered or f"fd{e.fd}" in covered:
+    root = {id(e) for e in root_fds}
+    for e in fds:
+        if e.type != files_pb2.FD_PIPE or e.path in covered or (
+                id(e) in root and f"fd{e.fd}" in covered):
             continue
         key = (e.dev, e.pipe_id)
         acc = e.flags & os.O_ACCMODE
@@ -1036,20 +1124,52 @@ def _load(images_dir: str, sign_key: bytes | None = None):
         if chain.top.kind != KIND_DUMP:
             raise ImageError("the chain ends with a pre-dump: there is no complete state to "
                              "restore (run `checkpoint dump` first)", path=chain.top.path)
-        rec: dict = {"core": []}
-        for kind, msg in chain.records():
-            if kind == "core":
-                rec["core"].append(msg)
-            elif kind in ("pstree", "mm", "files", "signals", "process"):
-                rec[kind] = msg
-        missing = {"pstree", "mm", "files", "signals", "process"} - set(rec)
-        if missing or not rec["core"]:
-            raise ImageError(f"the final layer lacks records: {sorted(missing) or ['core']}",
-                             path=chain.top.path)
+        nodes = _tree_records(chain.top.decoded_records(), chain.top.path)
     except BaseException:
         chain.close()
         raise
-    return chain, rec
+    return chain, nodes
+
+
+PER_PROCESS = ("pstree", "mm", "files", "signals", "process")
+
+
+def _tree_records(records, path: str) -> list:
+    """The final layer's records by process, in the tree's order (each
+    record names its pid; the pstree records give the order)."""
+    from .objects.pstree import Node
+    trees, by_pid = [], {}
+    for kind, msg in records:
+        if kind == "pstree":
+            trees.append(msg)
+            if not msg.zombie:
+                by_pid.setdefault(msg.pid, {"core": []})
+    for kind, msg in records:
+        if kind == "pstree" and msg.zombie:
+            continue
+        if kind in PER_PROCESS or kind == "core":
+            pid = msg.pid
+            if pid not in by_pid:
+                raise ImageError(f"a {kind} record of PID {pid}, which the tree does not hold",
+                                 path=path)
+            if kind == "core":
+                by_pid[pid]["core"].append(msg)
+            elif kind in by_pid[pid] and kind != "pstree":
+                raise ImageError(f"two {kind} records of PID {pid}", path=path)
+            else:
+                by_pid[pid][kind] = msg
+    if not trees:
+        raise ImageError("the final layer lacks records: ['pstree']", path=path)
+    nodes = []
+    for t in trees:
+        rec = None if t.zombie else by_pid[t.pid]
+        if rec is not None:
+            missing = set(PER_PROCESS) - set(rec)
+            if missing or not rec["core"]:
+                raise ImageError(f"the final layer lacks records of PID {t.pid}: "
+                                 f"{sorted(missing) or ['core']}", path=path)
+        nodes.append(Node(t, rec))
+    return nodes
 
 
 def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
@@ -1090,11 +1210,20 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
     t0 = time.perf_counter()
     images_dir = os.fspath(images_dir)
     hooks.run(action_scripts, "pre-restore", images_dir=images_dir)
-    chain, rec = _load(images_dir, sign_key)
+    chain, nodes = _load(images_dir, sign_key)
     try:
-        check_images(rec["process"], rec["mm"])
-        proc_obj.validate(rec["process"], rec["core"], proc_obj.caller_creds())
+        rec = nodes[0].rec
+        live = [n for n in nodes if n.rec is not None]
+        creds = proc_obj.caller_creds()
+        for n in live:
+            check_images(n.rec["process"], n.rec["mm"])
+            proc_obj.validate(n.rec["process"], n.rec["core"], creds)
         tree = rec["pstree"]
+        if len(nodes) > 1:
+            tree_obj.check_tree(nodes, chain.top.path)
+            if new_pids:
+                raise UsageError(f"--new-pids only for a single process: this image holds a "
+                                 f"tree of {len(nodes)} processes (restore with --pid-ns)")
         if new_pids and len(tree.threads) > 1:
             raise UsageError("--new-pids only for single-threaded processes: glibc caches "
                              "thread IDs (pthread_kill, robust mutexes would break)")
@@ -1103,7 +1232,8 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
         keys, opened = _stdio_plan(rec["files"], inherit, stdio)
         pass_fds = tuple(sorted(set(inherit.values()) | set(opened)))
         try:
-            _refuse_lone_pipe_ends(rec["files"], {**inherit, **keys}, stdio)
+            _refuse_lone_pipe_ends([f for n in live for f in n.rec["files"].fds],
+                                   {**inherit, **keys}, stdio, root_fds=rec["files"].fds)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -1114,7 +1244,9 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
                                    pid_ns=pid_ns, new_pids=new_pids,
                                    tty_nr=rec["process"].tty_nr)
         log.info("session and group: %s", session.how)
-        seccomp = any(c.seccomp_mode for c in rec["core"])
+        if len(nodes) > 1:
+            tree_obj.plan(nodes)
+        seccomp = any(c.seccomp_mode for n in live for c in n.rec["core"])
         spawned = _Spawned()
         try:
             try:
@@ -1124,28 +1256,21 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
                 for fd in opened:   # the placeholder holds its own copies now
                     os.close(fd)
             proc = freeze_process(pid)
+            procs = {tree.pid: proc}   # by dumped PID
             try:
                 _trace_options(proc, seccomp)
-                # the restored process sees inherited fds at the numbers the
-                # placeholder holds them (its own 0-2, or the passed ones)
-                placeholder_inherit = {**keys, **inherit}
-                b = _Builder(chain, rec, proc, placeholder_inherit, restart_block)
-                b.session, b.progress = session, progress
-                b._what = "start"
-                try:
-                    b.run()
-                except (OSError, InjectionError, CheckpointError) as exc:
-                    if isinstance(exc, (RestoreError, Interrupted)):
-                        raise
-                    raise RestoreError(f"restoring {b._what} failed: {exc}") from None
+                pages = _build_tree(chain, nodes, procs, {**keys, **inherit}, restart_block,
+                                    session, progress)
                 hooks.run(action_scripts, "post-restore", pid=pid, images_dir=images_dir)
                 check_stop()  # the last chance: from the thaw on it runs
                 hooks.run(action_scripts, "pre-resume", pid=pid, images_dir=images_dir)
                 spawned.release_keeper()
             except BaseException:
-                proc.kill()  # still traced: it never runs half-built
+                for p in reversed(list(procs.values())):
+                    p.kill()  # still traced: it never runs half-built
                 raise
-            proc.thaw()
+            for p in reversed(list(procs.values())):   # children first, the root last
+                p.thaw()
         except BaseException:
             spawned.kill()
             raise
@@ -1155,8 +1280,9 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
     ms = (time.perf_counter() - t0) * 1e3
     log.info("restored PID %d in %.1f ms", pid, ms)
     hooks.run(action_scripts, "post-resume", pid=pid, images_dir=images_dir, fatal=False)
-    r = Restored(pid=pid, restore_ms=ms, pages_restored=b.pages, layers=len(chain.layers),
-                 detached=detach, pid_ns=pid_ns, waiter=waiter)
+    r = Restored(pid=pid, restore_ms=ms, pages_restored=pages, layers=len(chain.layers),
+                 detached=detach, pid_ns=pid_ns, waiter=waiter,
+                 tree=[n.pid for n in nodes])
     if detach:
         r._start_reaper()
     return r

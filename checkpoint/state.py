@@ -172,9 +172,33 @@ KINDS: tuple[Kind, ...] = (
          note="restore from that session, or join this one as a job (or --pid-ns)"),
     Kind("process", "a process group whose leader is gone in a session not joined",
          REFUSED, "objects/session.py", option="--shell-job"),
-    Kind("process", "child processes", REFUSED, "objects/process.py",
-         option="--skip-children",
-         note="process trees are not dumped yet; with the option the children stay out"),
+    Kind("tree", "child processes (the whole tree, CRIU's -t)", RESTORED, "objects/pstree.py",
+         note="frozen together (listed again until stable), forked again from their "
+              "restored parent with their PIDs; --skip-children dumps the root alone"),
+    Kind("tree", "sessions and process groups across the tree", RESTORED, "objects/pstree.py",
+         note="setsid at the fork, then group leaders, then members"),
+    Kind("tree", "a process in a session neither its own nor its parent's", REFUSED,
+         "objects/pstree.py", note="its parent left the session after forking it"),
+    Kind("tree", "a process group whose leader is not in the tree (but the root's)", REFUSED,
+         "objects/pstree.py"),
+    Kind("tree", "zombie children", RESTORED, "objects/pstree.py",
+         note="a placeholder exits with the dumped status before its parent is built; "
+              "a signalled one dies of its signal (without the core-dump flag)"),
+    Kind("tree", "exit signal, PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER", RESTORED,
+         "objects/pstree.py", note="the parent-death signal follows the parent's leader "
+              "(a child forked by another thread of its parent gets it when the parent exits)"),
+    Kind("tree", "open file descriptions shared between processes (fork, SCM_RIGHTS)",
+         RESTORED, "objects/pstree.py",
+         note="found with kcmp, restored once and taken with pidfd_getfd by the others"),
+    Kind("tree", "pipes, FIFOs, memfds, deleted files between processes", RESTORED,
+         "objects/pstree.py", note="one object: reopened through the first holder's fd; "
+              "its data carried once"),
+    Kind("tree", "shared anonymous memory between processes", RESTORED, "objects/pstree.py",
+         note="one object, mapped from the first holder's mapping (map_files); "
+              "its pages carried once"),
+    Kind("tree", "private memory still shared copy-on-write after fork", RESTORED,
+         "objects/pstree.py", note="restored with its content in each process: correct, "
+              "but no longer shared (the tree uses more memory after restore)"),
     Kind("process", "nice, scheduling policy and priority, CPU affinity (per thread)",
          RESTORED, "objects/sched.py", note="set with the caller's privilege"),
     Kind("process", "SCHED_DEADLINE", REFUSED, "objects/sched.py"),
@@ -247,6 +271,8 @@ def found(records: dict) -> list[str]:
                    f"{f', {ext} external' if ext else ''}, {locks} file locks")
     if proc is not None:
         out.append(f"timers: {len(proc.itimers)} interval, {len(proc.posix_timers)} POSIX")
+    if tree is not None and tree.parent_tid:
+        out.append(f"child of {tree.ppid} (forked by thread {tree.parent_tid})")
     if tree is not None:
         role = "session leader" if tree.sid == tree.pid else \
             "group leader" if tree.pgid == tree.pid else "member"

@@ -150,6 +150,8 @@ def test_session_whose_leader_is_elsewhere(tmp_path, reaper, stay):
 
 
 def test_children_are_refused_by_name_or_skipped(run):
+    """Without the tree (tree=False: what live migration does), a process
+    with children is refused naming them; --skip-children dumps it alone."""
     from checkpoint.errors import UnsupportedObject
 
     t = run("child")
@@ -157,7 +159,7 @@ def test_children_are_refused_by_name_or_skipped(run):
     try:
         with pytest.raises(UnsupportedObject, match=f"child process {child} \\(sleep\\).*"
                                                    "--skip-children"):
-            with Checkpointer(t.pid, t.images) as ck:
+            with Checkpointer(t.pid, t.images, tree=False) as ck:
                 ck.dump()
         assert not (t.images / "0.layer").exists()
         assert t.check() == "CHECK ok"            # refused: it runs on untouched

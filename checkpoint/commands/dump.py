@@ -11,7 +11,7 @@ from . import MAX_PID, MAX_THREADS, ZSTD_LEVELS, int_range
 
 def _common(p) -> None:
     p.add_argument("-t", "--tree", dest="pid", type=int_range(1, MAX_PID), required=True, metavar="PID",
-                   help="the process to checkpoint")
+                   help="the process to checkpoint, with all its descendants (the tree)")
     p.add_argument("-D", "--images-dir", required=True, metavar="DIR",
                    help="directory of the layer chain (created 0700)")
     p.add_argument("--track", default="auto",
@@ -43,9 +43,8 @@ def _common(p) -> None:
                         "The locks are let go when the target dies: another process may take "
                         "them before the restore (which then fails)")
     p.add_argument("--skip-children", action="store_true",
-                   help="dump a process that has child processes alone: the children are "
-                        "not in the image and keep running; the restored process has none "
-                        "(without it such a process is refused: trees are not dumped yet)")
+                   help="dump the process alone, without its descendants: the children are "
+                        "not in the image and keep running; the restored process has none")
 
 
 def register(sub) -> None:
@@ -87,7 +86,9 @@ def run(args) -> int:
         emit_json(st.as_json())
     else:
         reason = f" ({st.full_reason})" if st.full_reason else ""
-        print(f"{st.kind} layer {st.layer} of {args.pid}: {st.pages_written} pages written, "
+        n = len(st.processes) + len(st.zombies)
+        tree = f" and {n - 1} descendant(s)" if n > 1 else ""
+        print(f"{st.kind} layer {st.layer} of {args.pid}{tree}: {st.pages_written} pages written, "
               f"{st.pages_zero} zero, {st.pages_skipped_parent} in parent{reason}; "
               f"{st.bytes_raw / 2**20:.1f} MiB -> {st.bytes_stored / 2**20:.1f} MiB; "
               f"frozen {st.frozen_ms:.1f} ms")

@@ -116,7 +116,10 @@ def describe(images_dir: str) -> dict:
         procs = {}
         for _, e in chain.records("pstree"):
             procs[e.pid] = {"pid": e.pid, "ppid": e.ppid, "pgid": e.pgid, "sid": e.sid,
-                            "comm": e.comm, "threads": list(e.threads), "vmas": []}
+                            "comm": e.comm, "threads": list(e.threads), "vmas": [],
+                            "state": "zombie" if e.zombie else "live"}
+            if e.zombie:
+                procs[e.pid]["exit_status"] = e.exit_code
         for _, mm in chain.records("mm"):
             proc = procs.setdefault(mm.pid, {"pid": mm.pid, "threads": [], "vmas": []})
             proc["vmas"] = [{"start": v.start, "end": v.end, "prot": v.prot,
@@ -131,7 +134,7 @@ def describe(images_dir: str) -> dict:
             proc.setdefault("fds", [])
         temps = temp_report(images_dir)
         return {"dir": images_dir, "layers": layers,
-                "processes": [procs[p] for p in sorted(procs)],
+                "processes": list(procs.values()),   # the tree's order: the root first
                 "threads": sum(1 for _ in chain.records("core")),
                 "stale": [os.path.basename(p) for p in chain.stale],
                 "leftovers": [n for n, _ in temps],
@@ -204,11 +207,15 @@ def cmd_show(args) -> int:
             print(f"      freezing {L['freezing_ms']:.1f} ms, frozen {L['frozen_ms']:.1f} ms, "
                   f"memdump {L['memdump_ms']:.1f} ms, memwrite {L['memwrite_ms']:.1f} ms")
     if args.tree:
-        print(f"  {'PID':>7} {'PPID':>7} {'PGID':>7} {'SID':>7}  threads  comm")
+        print(f"  {'PID':>7} {'PPID':>7} {'PGID':>7} {'SID':>7}  threads  state   comm")
     for p in procs:
         if args.tree:
+            state = p.get("state", "?")
+            if state == "zombie":
+                state = f"Z({p['exit_status']:#x})"
             print(f"  {p['pid']:>7} {p.get('ppid', '?'):>7} {p.get('pgid', '?'):>7} "
-                  f"{p.get('sid', '?'):>7}  {len(p['threads']):>7}  {_safe(p.get('comm', ''))}")
+                  f"{p.get('sid', '?'):>7}  {len(p['threads']):>7}  {state:<7} "
+                  f"{_safe(p.get('comm', ''))}")
         else:
             print(f"  process {p['pid']} ({_safe(p.get('comm', ''))}): {len(p['threads'])} "
                   f"thread(s), {len(p['vmas'])} mappings, {len(p['fds'])} fds")

@@ -24,7 +24,8 @@ from .pb import core_pb2, files_pb2, inventory_pb2, mm_pb2, pagemap_pb2, pstree_
 from .pb import process_pb2, signals_pb2, stats_pb2, tracking_pb2
 
 MAGIC = b"CKPTLAYR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2    # 2: process trees (several processes in a layer)
+READ_VERSIONS = (1, 2)
 PREAMBLE = struct.Struct("<8sII")          # magic, version, flags
 BLOCK = struct.Struct("<IIQII")            # type, length, aux, payload_crc, header_crc
 PREAMBLE_SIZE = PREAMBLE.size              # 16

@@ -266,9 +266,9 @@ class Layer:
         magic, version, flags = F.PREAMBLE.unpack(pre)
         if magic != F.MAGIC:
             raise self._err("not a checkpoint layer (bad magic)", 0)
-        if version != F.FORMAT_VERSION:
-            raise self._err(f"unsupported layer format version {version} "
-                            f"(this engine reads {F.FORMAT_VERSION})", 8)
+        if version not in F.READ_VERSIONS:
+            raise self._err(f"unsupported layer format version {version} (this engine "
+                            f"reads {', '.join(map(str, F.READ_VERSIONS))})", 8)
         if flags != 0:
             raise self._err(f"unknown preamble flags {flags:#x}", 12)
         self.frames: list[Frame] = []

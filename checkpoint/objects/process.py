@@ -15,6 +15,7 @@ from ..kernel import procfs
 from . import sched
 
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_SECUREBITS = 2, 3, 27
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 RLIM_INFINITY = (1 << 64) - 1
 
 # /proc/PID/limits row titles -> RLIMIT_* numbers (asm-generic/resource.h)
@@ -54,7 +55,8 @@ def dump_process(remote: Injector, vdso: dict) -> process_pb2.ProcessEntry:
     st, ss = procfs.read_stat(pid), procfs.read_status(pid)
     p = process_pb2.ProcessEntry(pid=pid, start_time=st.starttime, comm=st.comm,
                                  pgid=st.pgrp, sid=st.session, ppid=st.ppid,
-                                 umask=ss.umask or 0, tty_nr=st.tty_nr, **vdso)
+                                 umask=ss.umask or 0, tty_nr=st.tty_nr,
+                                 exit_signal=st.exit_signal, **vdso)
     try:
         p.exe_path = os.readlink(f"/proc/{pid}/exe")
         est = os.stat(f"/proc/{pid}/exe")
@@ -84,6 +86,9 @@ def dump_process(remote: Injector, vdso: dict) -> process_pb2.ProcessEntry:
     remote.write(remote.scratch, bytes(4))
     remote.call("prctl", PR_GET_PDEATHSIG, remote.scratch, 0, 0, 0)
     p.pdeath_signal = int.from_bytes(remote.read(remote.scratch, 4), "little", signed=True)
+    remote.write(remote.scratch, bytes(4))
+    remote.call("prctl", PR_GET_CHILD_SUBREAPER, remote.scratch, 0, 0, 0)
+    p.child_subreaper = remote.read(remote.scratch, 4) != bytes(4)
     _same_creds_in_every_thread(pid, ss)
     sched.dump_oom(p, pid)
     return p
@@ -256,6 +261,8 @@ def validate(p: process_pb2.ProcessEntry, cores, caller: Creds) -> None:
         bad("dumpable", f"{p.dumpable}, expected 0, 1 or 2")
     if not 0 <= p.pdeath_signal <= NSIG:
         bad("pdeath_signal", f"{p.pdeath_signal} is no signal")
+    if not 0 <= p.exit_signal <= NSIG:
+        bad("exit_signal", f"{p.exit_signal} is no signal")
     if p.has_oom_score_adj and not -1000 <= p.oom_score_adj <= 1000:
         bad("oom_score_adj", f"{p.oom_score_adj}, expected -1000..1000")
     from .threads import check_seccomp
@@ -453,6 +460,10 @@ def finish_leader(r: Injector, p: process_pb2.ProcessEntry) -> None:
     res = r.syscall("prctl", PR_SET_PDEATHSIG, p.pdeath_signal, 0, 0, 0)
     if res < 0:
         raise RestoreError(f"PR_SET_PDEATHSIG {p.pdeath_signal}: {os.strerror(-res)}")
+    if p.child_subreaper:
+        res = r.syscall("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if res < 0:
+            raise RestoreError(f"PR_SET_CHILD_SUBREAPER: {os.strerror(-res)}")
     if p.dumpable in (0, 1):  # 2 (suid_dumpable) cannot be set by prctl
         res = r.syscall("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
         if res < 0:
@@ -509,9 +520,9 @@ def children(pid: int, tids) -> list[int]:
 
 
 def refuse_children(pid: int, tids, skip: bool) -> None:
-    """Process trees are not dumped yet: a process with children (zombies
-    included) is refused unless ``skip`` (--skip-children) accepts that
-    the restored process has none."""
+    """Where the tree is not taken (live migration moves one process): a
+    process with children (zombies included) is refused unless ``skip``
+    (--skip-children) accepts that the restored process has none."""
     kids = children(pid, tids)
     if not kids or skip:
         return
@@ -525,9 +536,9 @@ def refuse_children(pid: int, tids, skip: bool) -> None:
     more = f" and {len(kids) - 5} more" if len(kids) > 5 else ""
     raise UnsupportedObject(
         f"process {pid} has child process{'es' if len(kids) > 1 else ''} "
-        f"{', '.join(named)}{more}: process trees are not dumped; --skip-children dumps "
-        f"{pid} alone (its children are not in the image and keep running; the restored "
-        "process has no children)")
+        f"{', '.join(named)}{more}: live migration does not move process trees yet; "
+        f"--skip-children takes {pid} alone (its children are not in the image and keep "
+        "running; the restored process has no children)")
 
 
 SHM_DEST = 0o1000

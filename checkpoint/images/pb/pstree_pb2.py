@@ -24,13 +24,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cpstree.proto\x12\x11\x63heckpoint.images\"v\n\x0bPstreeEntry\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0c\n\x04pgid\x18\x03 \x01(\r\x12\x0b\n\x03sid\x18\x04 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x12\n\nstart_time\x18\x07 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cpstree.proto\x12\x11\x63heckpoint.images\"\xad\x01\n\x0bPstreeEntry\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0c\n\x04pgid\x18\x03 \x01(\r\x12\x0b\n\x03sid\x18\x04 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x12\n\nstart_time\x18\x07 \x01(\x04\x12\x0e\n\x06zombie\x18\x08 \x01(\x08\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x12\n\nparent_tid\x18\n \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pstree_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PSTREEENTRY']._serialized_start=35
-  _globals['_PSTREEENTRY']._serialized_end=153
+  _globals['_PSTREEENTRY']._serialized_start=36
+  _globals['_PSTREEENTRY']._serialized_end=209
 # @@protoc_insertion_point(module_scope)

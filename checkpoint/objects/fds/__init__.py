@@ -144,7 +144,8 @@ def _dump_fd(ctx: DumpCtx, info: procfs.FdInfo) -> FdEntry:
 def restore_files(remote: Injector, entry: FilesEntry, *,
                   inherit: dict[str, int] | None = None, ghost_dir: str = "/tmp",
                   keep: Iterable[int] = (), privs=None,
-                  premade: dict[tuple[int, int], int] | None = None) -> None:
+                  premade: dict[tuple[int, int], int] | None = None,
+                  tree_links: dict[int, int] | None = None) -> None:
     """Give the frozen placeholder behind ``remote`` the fd table, cwd, root and
     umask of ``entry``.
 
@@ -165,10 +166,50 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
     the real open (through /proc/self/fd/N, the same inode). What the
     engine itself writes (pipe data, memfd and ghost content) goes through
     its own copy of the placeholder's fd (pidfd_getfd), never a path, and
-    only after checking that it is a pipe, a memfd, a nameless file."""
+    only after checking that it is a pipe, a memfd, a nameless file.
+
+    ``tree_links``: fd -> placeholder fd, for the fds another process of
+    the tree holds too (FdEntry.tree_pid; ``pull_tree_fds`` got them): the
+    same description is placed as it is, another description of the inode
+    is opened through it."""
     r = _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep), privs)
     r.premade = dict(premade or {})
+    r.tree_links = dict(tree_links or {})
     r.run()
+
+
+def pull_tree_fds(remote: Injector, entry: FilesEntry) -> dict[int, int]:
+    """The open file descriptions of ``entry`` that an earlier process of
+    the tree holds (FdEntry.tree_pid/tree_fd), copied into the placeholder
+    from that process with pidfd_getfd (by the placeholder itself, before
+    it takes the dumped credentials: the earlier process is already
+    restored and may be another user). PIDs are as the restored processes
+    see them (the dumped ones). Returns fd -> the copy in the placeholder."""
+    out: dict[int, int] = {}
+    pidfds: dict[int, int] = {}
+    try:
+        for e in entry.fds:
+            if not e.HasField("tree_pid"):
+                continue
+            if e.tree_pid not in pidfds:
+                res = remote.syscall("pidfd_open", e.tree_pid, 0)
+                if res < 0:
+                    raise RestoreError(f"fd {e.fd} ({e.path}): pidfd_open of process "
+                                       f"{e.tree_pid}: {os.strerror(-res)}")
+                pidfds[e.tree_pid] = res
+            res = remote.syscall("pidfd_getfd", pidfds[e.tree_pid], e.tree_fd, 0)
+            if res < 0:
+                raise RestoreError(f"fd {e.fd} ({e.path}): taking fd {e.tree_fd} of process "
+                                   f"{e.tree_pid}: {os.strerror(-res)}")
+            out[e.fd] = res
+    except BaseException:
+        for fd in out.values():
+            remote.syscall("close", fd)
+        raise
+    finally:
+        for fd in pidfds.values():
+            remote.syscall("close", fd)
+    return out
 
 
 def premake_memfds(remote: Injector, entry: FilesEntry,
@@ -189,6 +230,7 @@ def premake_memfds(remote: Injector, entry: FilesEntry,
 
 class _Restorer(RestoreCore):
     premade: dict[tuple[int, int], int]
+    tree_links: dict[int, int] = {}
 
     def run(self) -> None:
         self.preflight()
@@ -198,6 +240,9 @@ class _Restorer(RestoreCore):
         for it in sorted(self.items, key=lambda i: i.fd):
             if it.fd in self.placed:
                 continue  # came with another (the other ends of a pipe)
+            if it.fd in self.tree_links:
+                self.restore_tree_link(it)
+                continue
             src = self.inherited_source(it)
             if src is not None:
                 self.setfl(src, it)  # a stand-in gets the dumped O_NONBLOCK & co.
@@ -221,6 +266,8 @@ class _Restorer(RestoreCore):
             for it in self.items:
                 if it.fd in self.inherited and kind is not tty.KIND:
                     continue  # a stand-in is the restorer's: only its terminal settings
+                if it.fd in self.tree_links and kind is not LOCKS:
+                    continue  # the earlier process restored the object; locks are ours
                 if kind is LOCKS or it.e.type in kind.types:
                     kind.finish(self, it)
         restore_fs(self)
@@ -234,6 +281,29 @@ class _Restorer(RestoreCore):
         if kind is None or kind.restore is None:
             raise self.fail(it, f"cannot restore fds of type {files_pb2.FdType.Name(t)}")
         kind.restore(self, it)
+
+    def restore_tree_link(self, it: Item) -> None:
+        """An fd whose description (or inode) an earlier process of the tree
+        restored: that description as it is, or the inode opened again
+        through it (a pipe or FIFO end by way of an O_RDWR helper, so the
+        open never waits for a peer), with the dumped flags and offset."""
+        src = self.tree_links[it.fd]
+        src = self.moved.get(src, src)
+        if it.e.tree_same_description:
+            self.place(src, it)
+            return
+        path = f"/proc/self/fd/{src}"
+        helper = None
+        if it.e.type in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):
+            helper = self.fresh(self.openat(path, os.O_RDWR | os.O_NONBLOCK, it))
+        fd = self.fresh(self.openat(path, it.e.flags | os.O_NONBLOCK, it))
+        if helper is not None:
+            self.call("close", helper)
+        self.call("close", src)
+        self.setfl(fd, it)
+        if it.e.type not in (files_pb2.FD_PIPE, files_pb2.FD_FIFO):
+            self.lseek(fd, it)
+        self.place(fd, it)
 
     def restore_dup(self, it: Item) -> None:
         src = it.dup_of
@@ -255,7 +325,7 @@ class _Restorer(RestoreCore):
             raise RestoreError(f"fds {sorted(clash)} of placeholder {self.pid} are to be kept"
                                " but the image has fds with those numbers")
         for it in self.items:
-            if self.inherited_source(it) is not None:
+            if self.inherited_source(it) is not None or it.fd in self.tree_links:
                 continue
             if it.e.external and it.dup_of is None:
                 raise self.fail(it, "was left external at dump; give it with inherit"

@@ -1,0 +1,389 @@
+"""The process tree: what makes a tree more than a list of processes.
+
+At dump (``link_tree``, inside the freeze, once every process's own records
+are taken): which thread of its parent forked each child (PR_SET_PDEATHSIG
+follows that thread), and the objects two processes hold as one:
+
+- an open file description (inherited across fork, passed with
+  SCM_RIGHTS), found with kcmp(KCMP_FILE) against every earlier process of
+  the tree holding the same inode: the later fd gets ``tree_pid``/``tree_fd``
+  and ``tree_same_description``; the restore takes that very description
+  from the earlier process (pidfd_getfd);
+- an inode that must stay one object without being one description (the
+  two ends of a pipe, another open of a FIFO, a memfd, a deleted file): the
+  later fd names the earlier one, the restore reopens it through
+  /proc/self/fd/N; its unread data or content is carried by the first
+  holder only;
+- shared memory that no path reopens (shared anonymous memory, a memfd or
+  deleted file mapped shared): the later VMA names the first process's VMA
+  of the same object (``shared_pid``, ``shared_start``, ``shared_end``); the
+  restore maps that object (/proc/PID/map_files) and the first holder's
+  layer alone carries its pages.
+
+"Earlier" is the tree's order: the root, then breadth first, parents before
+children; the restore builds the processes in that order.
+
+Zombies (children that exited and were not reaped) have a PstreeEntry only
+(``zombie``, ``exit_code``: their wait status).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..errors import ImageError, RestoreError, UnsupportedObject
+from ..freezer import SEIZE_OPTIONS, FrozenProcess, FrozenThread, FrozenTree
+from ..images.pb import files_pb2, pstree_pb2
+from ..kernel.syscalls import NR, raw_syscall
+from . import mm as mm_obj
+
+KCMP_FILE = 0
+# fds whose inode is one object even as another description
+_ONE_INODE = (files_pb2.FD_PIPE, files_pb2.FD_FIFO, files_pb2.FD_MEMFD)
+
+
+def _kcmp_file(pid1: int, pid2: int, fd1: int, fd2: int) -> bool:
+    try:
+        return raw_syscall(NR["kcmp"], pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            raise UnsupportedObject("a process tree shares files, and this kernel has no "
+                                    "kcmp (CONFIG_KCMP) to tell which: not supported") from None
+        if exc.errno == errno.EBADF:
+            return False
+        raise
+
+
+def _forker(parent: int, parent_tids, child: int) -> int:
+    for tid in parent_tids:
+        try:
+            with open(f"/proc/{parent}/task/{tid}/children") as f:
+                if str(child) in f.read().split():
+                    return tid
+        except OSError:
+            pass
+    return 0
+
+
+def shared_object(v) -> bool:
+    """A MAP_SHARED VMA whose object only the tree can give back (no path)."""
+    return bool(v.flags & 0x01) and bool(v.status & mm_obj.VMA_SHARED_ANON or (
+        v.status & mm_obj.VMA_DELETED) or v.path.startswith("/memfd:"))
+
+
+def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[int, set[int]]:
+    """Fill in the links between the processes' records (module docstring);
+    returns, by PID, the starts of the VMAs whose pages another process's
+    records carry."""
+    procs = tree.procs
+    by_pid = tree.by_pid
+    for p in procs[1:]:
+        t = recs[p.pid]["pstree"]
+        parent = by_pid.get(t.ppid)
+        if parent is not None:
+            t.parent_tid = _forker(parent.pid, parent.tids, p.pid)
+    skip: dict[int, set[int]] = {}
+    if len(procs) == 1:
+        return skip
+    # shared memory: the first VMA of each object, in tree order
+    first_vma: dict[tuple[int, int], tuple[int, object]] = {}
+    for p in procs:
+        for v in recs[p.pid]["mm"].vmas:
+            if not shared_object(v):
+                continue
+            key = (v.dev, v.inode)
+            got = first_vma.get(key)
+            if got is None:
+                first_vma[key] = (p.pid, v)
+            elif got[0] != p.pid:
+                v.shared_pid, v.shared_start, v.shared_end = got[0], got[1].start, got[1].end
+                skip.setdefault(p.pid, set()).add(v.start)
+    if not final:
+        return skip
+    # files: every fd against the earlier processes' fds of the same inode
+    seen: dict[tuple[int, int], list[tuple[int, object]]] = {}
+    for p in procs:
+        files = recs[p.pid].get("files")
+        if files is None:
+            continue
+        mine: list[tuple[tuple[int, int], object]] = []
+        for e in files.fds:
+            if e.HasField("dup_of") or e.external:
+                continue   # a dup follows its original in the same process
+            key = (e.dev, e.inode)
+            for qpid, qe in seen.get(key, ()):
+                if _kcmp_file(qpid, p.pid, qe.fd, e.fd):
+                    _link(e, qpid, qe.fd, True)
+                    break
+            else:
+                if e.type in _ONE_INODE or (e.type == files_pb2.FD_REG and e.ghost):
+                    first = next(((q, qe) for q, qe in seen.get(key, ())
+                                  if qe.type == e.type), None)
+                    if first is not None:
+                        _link(e, first[0], first[1].fd, False)
+            mine.append((key, e))
+        for key, e in mine:
+            seen.setdefault(key, []).append((p.pid, e))
+    return skip
+
+
+def _link(e, pid: int, fd: int, same: bool) -> None:
+    e.tree_pid, e.tree_fd, e.tree_same_description = pid, fd, same
+    # the first holder carries the object's data
+    e.pipe_data = b""
+    e.content = b""
+    e.ClearField("same_inode_as")
+
+
+def zombie_records(tree: FrozenTree) -> list:
+    return [pstree_pb2.PstreeEntry(pid=z.pid, ppid=z.ppid, pgid=z.pgid, sid=z.sid,
+                                   comm=z.comm, start_time=z.start_time, zombie=True,
+                                   exit_code=z.exit_code) for z in tree.zombies]
+
+
+# ---------------------------------------------------------------------------
+# restore side: the tree as the image gives it, checked
+
+
+class Node:
+    """One process of the image's tree."""
+
+    def __init__(self, tree, rec: dict | None):
+        self.tree = tree          # its PstreeEntry
+        self.rec = rec            # its records (None: a zombie)
+        self.pid = tree.pid
+        self.children: list["Node"] = []
+
+    @property
+    def zombie(self) -> bool:
+        return self.tree.zombie
+
+
+def check_tree(nodes: list[Node], path: str) -> None:
+    """Refuse an image whose tree cannot be one: the root first, every other
+    process's parent earlier in the order and alive, no PID or TID twice,
+    links between records pointing only at earlier processes and fds or
+    VMAs they have."""
+    def bad(msg):
+        raise ImageError(f"process tree: {msg}", path=path)
+
+    if not nodes or nodes[0].zombie:
+        bad("no live root process")
+    index = {}
+    tids: set[int] = set()
+    for i, n in enumerate(nodes):
+        if n.pid in index:
+            bad(f"PID {n.pid} given twice")
+        if not 0 < n.pid < 1 << 22:
+            bad(f"PID {n.pid} out of range")
+        if i and n.tree.ppid not in index:
+            bad(f"the parent {n.tree.ppid} of {n.pid} is not earlier in the tree")
+        if i and nodes[index[n.tree.ppid]].zombie:
+            bad(f"the parent {n.tree.ppid} of {n.pid} is a zombie")
+        if n.zombie:
+            if n.rec is not None or list(n.tree.threads):
+                bad(f"zombie {n.pid} has records or threads")
+        else:
+            for t in n.tree.threads:
+                if t in tids or (t != n.pid and t in index):
+                    bad(f"TID {t} given twice")
+                tids.add(t)
+        index[n.pid] = i
+        if i:
+            nodes[index[n.tree.ppid]].children.append(n)
+    for i, n in enumerate(nodes):
+        if n.rec is None:
+            continue
+        for e in n.rec["files"].fds:
+            if not e.HasField("tree_pid"):
+                continue
+            j = index.get(e.tree_pid)
+            if j is None or j >= i or nodes[j].zombie or not e.HasField("tree_fd"):
+                bad(f"fd {e.fd} of {n.pid} names process {e.tree_pid}, not an earlier one")
+            if e.tree_fd not in {f.fd for f in nodes[j].rec["files"].fds}:
+                bad(f"fd {e.fd} of {n.pid} names fd {e.tree_fd} of {e.tree_pid}, "
+                    "which it does not have")
+        for v in n.rec["mm"].vmas:
+            if not v.shared_pid:
+                continue
+            j = index.get(v.shared_pid)
+            if j is None or j >= i or nodes[j].zombie:
+                bad(f"VMA {v.start:#x} of {n.pid} names process {v.shared_pid}, "
+                    "not an earlier one")
+            if not any(w.start == v.shared_start and w.end == v.shared_end
+                       and (w.dev, w.inode) == (v.dev, v.inode) and shared_object(w)
+                       for w in nodes[j].rec["mm"].vmas) or not shared_object(v):
+                bad(f"VMA {v.start:#x} of {n.pid} names no shared VMA of {v.shared_pid}")
+
+
+# ---------------------------------------------------------------------------
+# restore: forks, sessions, groups, zombies
+
+SIGCHLD = 17
+RLIMIT_CORE = 4
+
+
+def plan(nodes: list[Node]) -> None:
+    """Refuse, before anything starts, a tree whose sessions and groups the
+    restore cannot make: every process is in its own session, or in the one
+    its parent had (setsid before its own children are forked); every group
+    is led by a process of the tree (alive or a zombie), or is the root's."""
+    pids = {n.pid for n in nodes}
+    root = nodes[0].tree
+    by_pid = {n.pid: n for n in nodes}
+    for n in nodes[1:]:
+        t = n.tree
+        parent = by_pid[t.ppid].tree
+        if t.sid != n.pid and t.sid != parent.sid:
+            raise UnsupportedObject(
+                f"process {n.pid} ({t.comm}) is in session {t.sid}, neither its own nor its "
+                f"parent {t.ppid}'s ({parent.sid}): not supported (its parent left the "
+                "session after forking it)")
+        if t.pgid != n.pid and t.pgid not in pids and t.pgid != root.pgid:
+            raise UnsupportedObject(
+                f"process {n.pid} ({t.comm}) is in process group {t.pgid}, whose leader is "
+                "not in the tree: not supported yet")
+
+
+def fork_child(parent: FrozenProcess, node: Node, timeout: float) -> FrozenProcess:
+    """Fork ``node`` from its frozen parent with its PID (clone3 set_tid, an
+    injected call in the parent's leader): the child starts as a copy of
+    the parent placeholder, stopped and traced (PTRACE_O_TRACEFORK), and is
+    built from it like the root."""
+    from ..inject import Injector
+    from ..kernel import ptrace as pt
+    from ..kernel.syscalls import clone_args
+    import ctypes
+
+    exit_signal = SIGCHLD if node.rec is None else node.rec["process"].exit_signal
+    tids = (ctypes.c_int32 * 1)(node.pid)
+    args = clone_args(flags=0, exit_signal=exit_signal, set_tid_size=1)
+    lead = parent.pid
+    pt.setoptions(lead, SEIZE_OPTIONS | pt.PTRACE_O_EXITKILL | pt.PTRACE_O_TRACEFORK
+                  | pt.PTRACE_O_TRACECLONE)
+    before = set(_kids(parent.pid))
+    import errno as _errno
+    import time
+    deadline = time.monotonic() + 5
+    with Injector(parent, lead, safe=False) as r:
+        base = r.scratch
+        args.set_tid = base + 512
+        r.write(base + 512, bytes(tids))
+        r.write(base, bytes(args))
+        while True:
+            got = r.syscall("clone3", base, ctypes.sizeof(args))
+            # the PID may still be held by the dumped process, dying or not
+            # reaped yet by its new parent
+            if got != -_errno.EEXIST or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+    if got == -_errno.EEXIST:
+        raise RestoreError(f"PID {node.pid} is taken by another process: restore the tree "
+                           "once it is free, or with --pid-ns")
+    if got != node.pid:
+        raise RestoreError(f"fork of process {node.pid} from {parent.pid}: " + (
+            os.strerror(-got) if got < 0 else f"clone3 gave PID {got}"))
+    new = set(_kids(parent.pid)) - before
+    if len(new) != 1:
+        raise RestoreError(f"cannot tell the new process {node.pid} among {sorted(new)}")
+    pid = new.pop()
+    child = FrozenProcess(pid, timeout)
+    child.threads[pid] = FrozenThread(pid)   # auto-attached
+    child._gadget = parent._gadget
+    child._await_interrupt_stop(pid)
+    if node.tree.sid == node.pid:
+        with Injector(child, pid, safe=False) as r:
+            r.call("setsid")
+    return child
+
+
+def _kids(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def set_groups(nodes: list[Node], procs: dict[int, FrozenProcess], root_pgid: int) -> None:
+    """The process groups, once every process exists: leaders first, then
+    the members (a group must exist before anyone joins it). ``root_pgid``:
+    the root's group as the restored processes see it (0: not visible)."""
+    from ..inject import Injector
+    root = nodes[0].tree
+    pids = {n.pid for n in nodes}
+    for members in (False, True):
+        for n in nodes[1:]:
+            t = n.tree
+            if t.sid == n.pid or (t.pgid == n.pid) == members:
+                continue
+            want = t.pgid if t.pgid in pids else root_pgid if t.pgid == root.pgid else -1
+            if want <= 0:
+                continue   # the root's group, inherited
+            with Injector(procs[n.pid], procs[n.pid].pid, safe=False) as r:
+                res = r.syscall("setpgid", 0, 0 if want == n.pid else want)
+            if res < 0:
+                raise RestoreError(f"process {n.pid}: setpgid to group {t.pgid}: "
+                                   f"{os.strerror(-res)}")
+
+
+def make_zombies(nodes: list[Node], procs: dict[int, FrozenProcess]) -> None:
+    """Each zombie's placeholder exits with the dumped status, before its
+    parent is built (the parent then still has the default SIGCHLD
+    disposition, so the zombie stays for its wait()); the SIGCHLD its exit
+    queues in the parent placeholder is taken away again (the dumped
+    parent's pending signals are restored on their own)."""
+    from ..inject import Injector
+    from ..errors import TargetExited
+    parents = set()
+    for n in nodes:
+        if not n.zombie:
+            continue
+        proc = procs.pop(n.pid)
+        code = n.tree.exit_code
+        sig = code & 0x7F
+        with Injector(proc, proc.pid, safe=False) as r:
+            if sig:  # killed by a signal: taken at detach, default action, no core file
+                r.write(r.scratch, b"\0" * 16)
+                r.call("prlimit64", 0, RLIMIT_CORE, r.scratch, 0)
+                r.write(r.scratch, b"\0" * 32)   # sa_handler SIG_DFL, no flags, no mask
+                r.call("rt_sigaction", sig, r.scratch, 0, 8)
+        if sig:
+            proc.threads[proc.pid].pending_signal = sig
+            proc.thaw()
+        else:
+            with Injector(proc, proc.pid, safe=False) as r:
+                try:
+                    r.syscall("exit_group", (code >> 8) & 0xFF)
+                except TargetExited:
+                    pass
+            proc.threads.clear()
+        _await_zombie(proc.pid)
+        parents.add(n.tree.ppid)
+    for ppid in parents:
+        p = procs[ppid]
+        with Injector(p, p.pid, safe=False) as r:
+            mask = (1 << (SIGCHLD - 1)).to_bytes(8, "little")
+            r.write(r.scratch, mask + b"\0" * 16)   # the set, then a zero timeout
+            while r.syscall("rt_sigtimedwait", r.scratch, 0, r.scratch + 8, 8) == SIGCHLD:
+                pass
+
+
+def _await_zombie(pid: int) -> None:
+    import time
+    from ..kernel import procfs
+    from ..errors import CheckpointError
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if procfs.read_stat(pid).state in ("Z", "X"):
+                return
+        except CheckpointError:
+            raise RestoreError(f"zombie {pid} was reaped before its parent was restored") \
+                from None
+        time.sleep(0.001)
+    raise RestoreError(f"process {pid} did not exit to become a zombie")

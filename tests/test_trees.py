@@ -1,0 +1,172 @@
+"""Process trees end to end: a tree is dumped with every descendant
+(CRIU's -t), killed, and restored with its PIDs, parent links, sessions,
+process groups, zombies, shared memory and shared pipes; each target checks
+its own state after the restore."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from checkpoint.dumper import Checkpointer
+from checkpoint.restorer import restore
+from conftest import build_target
+from test_dump_restore import Channel, reaper  # noqa: F401 (fixture)
+
+
+def _start_server(reaper, n=3):
+    ch = Channel()
+    p = ch.popen([str(build_target("tree_server")), str(n)])
+    reaper.append(p.pid)
+    words = ch.expect("READY").split()[1:]
+    workers = [int(w) for w in words[:n]]
+    session_kid, zombie = int(words[n + 1]), int(words[n + 3])
+    reaper.extend(workers + [session_kid])
+    return ch, p, workers, session_kid, zombie
+
+
+def test_prefork_tree_dump_kill_restore(tmp_path, reaper):
+    ch, p, workers, session_kid, zombie = _start_server(reaper)
+    assert ch.ask("work 10", "DONE") == "DONE 55 55"
+    assert ch.ask("check", "STATE") == "STATE OK"
+    kids = open(f"/proc/{workers[0]}/task/{workers[0]}/children").read().split()
+    grandchild = int(kids[0])
+    reaper.append(grandchild)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        st = ck.dump()
+    p.wait(10)
+    pids = [q["pid"] for q in st.processes]
+    assert pids[0] == p.pid
+    assert sorted(pids[1:]) == sorted(workers + [session_kid, grandchild])
+    assert st.zombies == [zombie]
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert r.pid == p.pid and sorted(r.tree) == sorted(pids + [zombie])
+    # the restored workers take work from the restored pipe and add to the
+    # one shared counter page
+    assert ch.ask("work 5", "DONE") == "DONE 70 70"
+    assert ch.ask("check", "STATE") == "STATE OK"
+    ch.send("orphan\n")   # worker 1 dies: its child's parent-death signal fires
+    assert ch.expect("PDEATH") == f"PDEATH {int(signal.SIGUSR1)}"
+    ch.send("quit\n")
+    statuses = dict(w.split(":") for w in ch.expect("EXIT").split()[1:])
+    want = {str(workers[0]): str(signal.SIGKILL)}
+    want.update({str(w): str(signal.SIGTERM) for w in workers[1:] + [session_kid]})
+    want[str(zombie)] = str(7 << 8)
+    assert statuses == want
+    assert r.wait(10) == 0
+    ch.close()
+
+
+STAGE = os.path.join(os.path.dirname(__file__), "targets", "pipeline_stage.py")
+
+
+def _tree_pids(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("predumps", [0, 2])
+def test_shell_pipeline_mid_stream(tmp_path, reaper, predumps):
+    """bash running producer | tr | consumer: restored mid-stream, not a
+    line is lost or repeated (the consumer checks every one), with and
+    without pre-dump rounds of the whole tree first."""
+    import sys
+    import time
+    ch = Channel()
+    py = sys.executable
+    p = ch.popen(["bash", "-c", f"{py} -u {STAGE} produce | tr a-z A-Z | {py} {STAGE} consume"])
+    reaper.append(p.pid)
+    ch.expect("SEEN 500")
+    deadline = time.monotonic() + 5
+    while len(_tree_pids(p.pid)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = sorted(_tree_pids(p.pid))
+    reaper.extend(before)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        for _ in range(predumps):
+            ck.pre_dump()
+        st = ck.dump()
+    p.wait(10)
+    assert sorted(q["pid"] for q in st.processes) == before
+    seen = int(ch.lines[-1].split()[1])
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    ch.expect(f"SEEN {seen + 1000}", timeout=20)
+    assert not [line for line in ch.lines if line.startswith("BAD")]
+    r.kill()
+    for pid in before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    r.wait(10)
+    ch.close()
+
+
+def test_multiprocessing_pool_finishes_after_restore(tmp_path, reaper):
+    """A Python multiprocessing.Pool (a parent with its handler threads, two
+    workers, pipes and named semaphores between them) dumped
+    mid-computation finishes with the result of an uninterrupted run."""
+    import sys
+    n = 300
+    ch = Channel()
+    p = ch.popen([sys.executable, os.path.join(os.path.dirname(__file__), "targets",
+                                               "mp_pool.py"), str(n)])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    ch.expect("GOT 50")
+    reaper.extend(_tree_pids(p.pid))
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.pre_dump()
+        st = ck.dump()
+    p.wait(10)
+    assert len(st.processes) == 3
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert ch.expect("SUM", timeout=30) == f"SUM {sum(i * i for i in range(n))}"
+    got = [int(line.split()[1]) for line in ch.lines if line.startswith("GOT")]
+    assert got == list(range(n))
+    assert r.wait(20) == 0
+    ch.close()
+
+
+def test_tree_forking_during_the_dump(tmp_path, reaper):
+    """A parent forking a child every millisecond: the freeze catches the
+    tree in one consistent state (children running, exited ones as
+    zombies); after the restore the parent reaps every child, those frozen
+    mid-life and the zombies, each with its own exit status."""
+    import sys
+    import time
+    ch = Channel()
+    p = ch.popen([sys.executable, os.path.join(os.path.dirname(__file__), "targets",
+                                               "forker.py")])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    time.sleep(0.3)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        st = ck.dump()
+    p.wait(10)
+    kids = len(st.processes) - 1 + len(st.zombies)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    time.sleep(0.3)
+    forked, reaped, bad, running = map(int, ch.ask("check", "STATE").split()[1:])
+    assert bad == 0 and forked > reaped > 0 and running < 50, (forked, reaped, bad, kids)
+    r.kill()
+    r.wait(10)
+    ch.close()
