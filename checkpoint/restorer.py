@@ -63,6 +63,7 @@ from .progress import Progress
 PAGE = procfs.PAGE_SIZE
 TASK_SIZE = 0x7FFF_FFFF_F000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MADV_DONTNEED = 4
 MAP_FIXED = 0x10
 O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
 AT_FDCWD = -100
@@ -553,6 +554,9 @@ class _Builder:
         #: sees them (by dumped PID), for the objects they share with this one
         self.engine_pids: dict[int, int] = {}
         self.tree_maps: dict[int, int] = {}   # VMA start -> fd of the shared object
+        #: VMAs inherited from the restored parent and kept (begin), by start
+        self.kept: dict[int, object] = {}
+        self.parent_pid = 0   # a child of a tree: its parent's dumped PID
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -562,21 +566,35 @@ class _Builder:
         # safe=False: a half-built process has nothing to return to; it dies
         # with the engine instead
         with Injector(self.proc, self.proc.pid, safe=False) as r:
-            self.begin(r)
-            self._what = "memory shared with other processes of the tree"
-            self.tree_maps = self._open_tree_maps(r)
-            with self.privs.as_dumped():
-                self._map_vmas(r)
-            self._what = "memory pages"
-            self._write_pages()
-            log.info("%d pages written", self.pages)
+            self.memory(r)
             self.finish(r)
         self.check_applied()
 
-    def begin(self, r: Injector) -> None:
+    def memory(self, r: Injector, parent: int = 0) -> None:
+        """The address space with every page (``begin``'s ``parent``: a
+        child of a tree forked from its restored parent)."""
+        self.begin(r, parent)
+        self._mm_injector = r
+        self._what = "memory shared with other processes of the tree"
+        self.tree_maps = self._open_tree_maps(r)
+        with self.privs.as_dumped():
+            self._map_vmas(r)
+        self._what = "memory pages"
+        self._write_pages()
+        log.info("%d pages written%s", self.pages,
+                 f" ({len(self.kept)} VMAs kept from the parent)" if self.kept else "")
+
+    def begin(self, r: Injector, parent: int = 0) -> None:
         """An empty address space with the dumped vDSO block, and the
-        credentials to open what the image names (the dumped ones)."""
+        credentials to open what the image names (the dumped ones).
+
+        ``parent``: the placeholder was forked from the restored parent
+        (dumped PID) of a tree; the mappings it inherited that the dumped
+        child still had (same range, protection, object: it was forked with
+        them) are kept, so the pages it shared copy-on-write with its
+        parent stay shared (MmEntry.cow_parent); ``self.kept`` has them."""
         rec, proc = self.rec, self.proc
+        self.parent_pid = parent
         # the placeholder starts with the restorer's credentials; opens of
         # what the image names run with the dumped ones (Privs)
         sb = r.call("prctl", proc_obj.PR_GET_SECUREBITS, 0, 0, 0, 0)
@@ -589,7 +607,9 @@ class _Builder:
         if cfg.pointer:
             r.call("rseq", cfg.pointer, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
         self._what = "address space"
-        self._clear_and_move_vdso(r)
+        self.kept = self._inherited(parent) if parent else {}
+        if not self._clear_and_move_vdso(r, self.kept):
+            self.kept = {}
         # the scratch page where no dumped VMA will go: a MAP_FIXED
         # mapping landing on it would silently replace the staged paths
         self.scratch_at = _free_page(rec["mm"].vmas)
@@ -665,24 +685,61 @@ class _Builder:
 
     # -- address space ---------------------------------------------------------
 
-    def _clear_and_move_vdso(self, r: Injector) -> None:
+    def _inherited(self, parent: int) -> dict[int, object]:
+        """Dumped VMA start -> VMA, of the mappings the placeholder (forked
+        from the restored parent) has exactly as the dumped process had
+        them."""
+        dumped = {(v.start, v.end): v for v in self.rec["mm"].vmas
+                  if v.path not in mm_obj.SPECIAL}
+        out = {}
+        for c in procfs.read_maps(self.pid):
+            d = dumped.get((c.start, c.end))
+            if d is None or c.path in mm_obj.SPECIAL:
+                continue
+            prot = (1 if c.perms[0] == "r" else 0) | (2 if c.perms[1] == "w" else 0) | \
+                (4 if c.perms[2] == "x" else 0)
+            if prot != d.prot or (c.perms[3] == "s") != bool(d.flags & 0x01):
+                continue
+            if d.shared_pid:   # one object with an earlier process: the parent's, here
+                if (d.shared_pid, d.shared_start, d.shared_end) != (parent, c.start, c.end):
+                    continue
+            elif d.flags & 0x01 and not mm_obj.VMA_CONTENT_IN_FILE & d.status:
+                continue       # shared memory of its own: not the parent's
+            elif c.inode or d.inode:
+                if (c.inode, c.offset, c.path) != (d.inode, d.offset, d.path):
+                    continue
+            # anonymous both: [heap] and [stack] are named only once the
+            # parent's mm fields are set (after its children are forked)
+            out[d.start] = d
+        return out
+
+    def _clear_and_move_vdso(self, r: Injector, keep=None) -> bool:
+        """Unmap everything but the vDSO block (and the VMAs starting at
+        ``keep``), then move the block where the image has it. Returns
+        whether ``keep`` was kept (not when the block had to move)."""
         cur = {v.path: v for v in procfs.read_maps(self.pid)
                if v.path in ("[vvar]", "[vvar_vclock]", "[vdso]")}
         lo = min(v.start for v in cur.values())
         hi = max(v.end for v in cur.values())
         gadget_off = self.proc._gadget - cur["[vdso]"].start
-        r.call("munmap", 0, lo)
-        r.call("munmap", hi, TASK_SIZE - hi)
-        r.forget_scratch()
         want = {v.path: v for v in self.rec["mm"].vmas
                 if v.path in ("[vvar]", "[vvar_vclock]", "[vdso]")}
+        wlo = min(v.start for v in want.values()) if want else lo
+        if keep and wlo == lo:
+            for v in procfs.read_maps(self.pid):
+                if v.path not in mm_obj.SPECIAL and v.start not in keep:
+                    r.call("munmap", v.start, v.end - v.start)
+        else:
+            keep = None
+            r.call("munmap", 0, lo)
+            r.call("munmap", hi, TASK_SIZE - hi)
+        r.forget_scratch()
         if set(want) != set(cur):
             raise RestoreError(f"vDSO layout differs: image has {sorted(want)}, this kernel "
                                f"{sorted(cur)}")
-        wlo = min(v.start for v in want.values())
         whi = max(v.end for v in want.values())
         if wlo == lo:
-            return
+            return bool(keep)
         if wlo < hi and lo < whi:  # overlap: bounce through a free place first
             bounce = whi + 0x100000 if whi + (hi - lo) + 0x100000 < TASK_SIZE else 0x10000000
             self._move_block(r, cur, bounce - lo)
@@ -691,6 +748,7 @@ class _Builder:
             lo = bounce
         self._move_block(r, cur, wlo - lo)
         self.proc._gadget = want["[vdso]"].start + gadget_off
+        return False
 
     def _move_block(self, r: Injector, cur: dict, delta: int) -> None:
         for path in ("[vvar]", "[vvar_vclock]", "[vdso]"):
@@ -747,7 +805,7 @@ class _Builder:
                 self.premade.update(premake_memfds(r, files, sorted(want)))
         try:
             for v in vmas:
-                if v.path in mm_obj.SPECIAL:
+                if v.path in mm_obj.SPECIAL or v.start in self.kept:
                     continue
                 self._what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
                 flags = (v.flags & ~0x20) | MAP_FIXED  # MAP_ANONYMOUS set below when needed
@@ -821,9 +879,12 @@ class _Builder:
         # a shared mapping of a memfd made from its fd shows the memfd's content
         spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
                        if v.path not in mm_obj.SPECIAL and not v.shared_pid
+                       and v.start not in self.kept
                        and not v.status & mm_obj.VMA_CONTENT_IN_FILE
                        and not (v.flags & 0x01 and v.path.startswith("/memfd:")
                                 and (v.dev, v.inode) in self.premade))
+        spans = sorted(spans + self._own_in_kept())
+        self._copy_from_parent()
         fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
         progress = Progress("restore", enabled=self.progress)
         try:
@@ -838,6 +899,58 @@ class _Builder:
                 progress.advance(run.npages)
         finally:
             progress.close()
+
+    def _copy_from_parent(self) -> None:
+        """Pages shared with the parent (MmEntry.cow_parent) in a VMA that
+        could not be kept: copied from the restored parent's memory (the
+        image has them only there)."""
+        cow = self.rec["mm"].cow_parent
+        if not cow or self.parent_pid == 0:
+            return
+        src = self.engine_pids.get(self.parent_pid)
+        if src is None:
+            raise RestoreError(f"memory shared with parent {self.parent_pid}, which was not "
+                               "restored")
+        kept = sorted((v.start, v.end) for v in self.kept.values())
+        from array import array
+        rows = array("Q")
+        for s, e in zip(cow[0::2], cow[1::2]):
+            rows.extend((s, e, 0))
+        rest = tree_obj.subtract(rows, [x for k in kept for x in k])
+        if not rest:
+            return
+        pfd = procfs.open_proc_fd(src, "mem")
+        try:
+            for i in range(0, len(rest), 3):
+                s, e = rest[i], rest[i + 1]
+                for at in range(s, e, 1 << 20):
+                    n = min(e - at, 1 << 20)
+                    data = os.pread(pfd, n, at)
+                    if len(data) != n or os.pwrite(self.proc.mem.fd, data, at) != n:
+                        raise RestoreError(f"copying the pages at {at:#x} shared with the "
+                                           f"parent {self.parent_pid}: short read or write")
+                    self.pages += n // PAGE
+        finally:
+            os.close(pfd)
+
+    def _own_in_kept(self) -> list[tuple[int, int]]:
+        """The parts of the kept private VMAs that are not shared with the
+        parent: emptied (MADV_DONTNEED: zero again, or the file's page),
+        then given this process's own pages from the image."""
+        if not self.kept:
+            return []
+        from array import array
+        rows = array("Q")
+        for v in self.kept.values():
+            if not v.flags & 0x01:
+                rows.extend((v.start, v.end, 0))
+        cow = sorted(zip(self.rec["mm"].cow_parent[0::2], self.rec["mm"].cow_parent[1::2]))
+        rest = tree_obj.subtract(rows, [x for p in cow for x in p])
+        out = [(rest[i], rest[i + 1]) for i in range(0, len(rest), 3)]
+        r = self._mm_injector
+        for s, e in out:
+            r.call("madvise", s, e - s, MADV_DONTNEED)
+        return out
 
     def _set_mm(self, r: Injector, privs) -> None:
         mm, p = self.rec["mm"], self.rec["process"]
@@ -969,33 +1082,63 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
     it). Returns the pages written."""
     root = nodes[0]
     timeout = procs[root.pid].timeout
-    for n in nodes[1:]:
-        check_stop()
+    engine_pids: dict[int, int] = {}
+    builders = {}
+
+    def step(n, b, what):
         try:
-            procs[n.pid] = tree_obj.fork_child(procs[n.tree.ppid], n, timeout)
-        except (OSError, InjectionError) as exc:
-            raise RestoreError(f"forking process {n.pid}: {exc}") from None
-    if len(nodes) > 1:
-        with Injector(procs[root.pid], procs[root.pid].pid, safe=False) as r:
-            root_pgid = r.syscall("getpgid", 0)
-        tree_obj.set_groups(nodes, procs, max(root_pgid, 0))
-        tree_obj.make_zombies(nodes, procs)
-    engine_pids = {n.pid: p.pid for n, p in ((n, procs.get(n.pid)) for n in nodes) if p}
-    pages = 0
-    for n in nodes:
-        if n.rec is None:
-            continue
-        b = _Builder(chain, n.rec, procs[n.pid], inherit if n is root else {}, restart_block)
-        b.session = session if n is root else None
-        b.progress, b.engine_pids = progress, engine_pids
-        b._what = "start"
-        try:
-            b.run()
+            return what()
         except (OSError, InjectionError, CheckpointError) as exc:
             if isinstance(exc, (RestoreError, Interrupted)):
                 raise
             who = f"process {n.pid}: " if len(nodes) > 1 else ""
             raise RestoreError(f"restoring {who}{b._what} failed: {exc}") from None
+
+    def builder(n):
+        b = _Builder(chain, n.rec, procs[n.pid], inherit if n is root else {}, restart_block)
+        b.session = session if n is root else None
+        b.progress, b.engine_pids = progress, engine_pids
+        b._what = "start"
+        return b
+
+    if len(nodes) == 1:
+        b = builder(root)
+        step(root, b, b.run)
+        return b.pages
+    # 1. in the tree's order: each process's memory (a child forked from its
+    # parent keeps what it still shared with it copy-on-write), then its
+    # children forked from it
+    for n in nodes:
+        if n.rec is None:
+            continue
+        proc = procs[n.pid]
+        engine_pids[n.pid] = proc.pid
+        b = builders[n.pid] = builder(n)
+        parent = n.tree.ppid if n is not root else 0
+        with Injector(proc, proc.pid, safe=False) as r:
+            step(n, b, lambda: b.memory(r, parent))
+            for c in n.children:
+                check_stop()
+                try:
+                    procs[c.pid] = tree_obj.fork_child(proc, c, timeout, r)
+                except (OSError, InjectionError) as exc:
+                    raise RestoreError(f"forking process {c.pid}: {exc}") from None
+                engine_pids[c.pid] = procs[c.pid].pid
+    # 2. once every process exists: process groups, zombies
+    with Injector(procs[root.pid], procs[root.pid].pid, safe=False) as r:
+        root_pgid = r.syscall("getpgid", 0)
+    tree_obj.set_groups(nodes, procs, max(root_pgid, 0))
+    tree_obj.make_zombies(nodes, procs)
+    # 3. the rest of each process, in the tree's order (what it shares with
+    # an earlier one is taken from it)
+    pages = 0
+    for n in nodes:
+        if n.rec is None:
+            continue
+        b = builders[n.pid]
+        with Injector(procs[n.pid], procs[n.pid].pid, safe=False) as r:
+            step(n, b, lambda: b.finish(r))
+        step(n, b, b.check_applied)
         pages += b.pages
     return pages
 

@@ -197,8 +197,8 @@ KINDS: tuple[Kind, ...] = (
          note="one object, mapped from the first holder's mapping (map_files); "
               "its pages carried once"),
     Kind("tree", "private memory still shared copy-on-write after fork", RESTORED,
-         "objects/pstree.py", note="restored with its content in each process: correct, "
-              "but no longer shared (the tree uses more memory after restore)"),
+         "objects/pstree.py", note="stored once (the same page frame in parent and child); "
+              "the child is forked from its restored parent and keeps those pages shared"),
     Kind("process", "nice, scheduling policy and priority, CPU affinity (per thread)",
          RESTORED, "objects/sched.py", note="set with the caller's privilege"),
     Kind("process", "SCHED_DEADLINE", REFUSED, "objects/sched.py"),

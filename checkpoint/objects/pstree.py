@@ -195,6 +195,19 @@ def check_tree(nodes: list[Node], path: str) -> None:
     for i, n in enumerate(nodes):
         if n.rec is None:
             continue
+        cow = list(n.rec["mm"].cow_parent)
+        if cow:
+            private = sorted((v.start, v.end) for v in n.rec["mm"].vmas
+                             if not v.flags & 0x01 and v.path not in mm_obj.SPECIAL)
+            last = 0
+            if i == 0 or len(cow) % 2:
+                bad(f"memory of {n.pid} shared with a parent it has not")
+            for s, e in zip(cow[0::2], cow[1::2]):
+                if not last <= s < e or s % 4096 or e % 4096 or not any(
+                        vs <= s and e <= ve for vs, ve in private):
+                    bad(f"memory of {n.pid} shared with its parent: range {s:#x}-{e:#x} "
+                        "out of order or outside its private VMAs")
+                last = e
         for e in n.rec["files"].fds:
             if not e.HasField("tree_pid"):
                 continue
@@ -246,7 +259,7 @@ def plan(nodes: list[Node]) -> None:
                 "not in the tree: not supported yet")
 
 
-def fork_child(parent: FrozenProcess, node: Node, timeout: float) -> FrozenProcess:
+def fork_child(parent: FrozenProcess, node: Node, timeout: float, r=None) -> FrozenProcess:
     """Fork ``node`` from its frozen parent with its PID (clone3 set_tid, an
     injected call in the parent's leader): the child starts as a copy of
     the parent placeholder, stopped and traced (PTRACE_O_TRACEFORK), and is
@@ -266,7 +279,8 @@ def fork_child(parent: FrozenProcess, node: Node, timeout: float) -> FrozenProce
     import errno as _errno
     import time
     deadline = time.monotonic() + 5
-    with Injector(parent, lead, safe=False) as r:
+    from contextlib import nullcontext
+    with (Injector(parent, lead, safe=False) if r is None else nullcontext(r)) as r:
         base = r.scratch
         args.set_tid = base + 512
         r.write(base + 512, bytes(tids))
@@ -387,3 +401,127 @@ def _await_zombie(pid: int) -> None:
                 from None
         time.sleep(0.001)
     raise RestoreError(f"process {pid} did not exit to become a zombie")
+
+
+# ---------------------------------------------------------------------------
+# memory still shared copy-on-write with the parent
+
+# pagemap bits that say which page an address shows (the frame, or the
+# swap entry, present, file); not the per-process ones (exclusive, uffd-wp,
+# soft-dirty, guard)
+_CHUNK = 512                      # entries compared at once (2 MiB)
+_T6 = bytes(x & 0x7F for x in range(256))            # byte 6: drop bit 55 (soft-dirty)
+_T7 = bytes(x & ~0x07 & 0xFF for x in range(256))    # byte 7: drop bits 56-58
+_pfns_visible: bool | None = None
+
+
+def _masked(raw: bytes) -> bytearray:
+    b = bytearray(raw)
+    b[6::8] = b[6::8].translate(_T6)
+    b[7::8] = b[7::8].translate(_T7)
+    return b
+
+
+def pfns_visible() -> bool:
+    """Page frame numbers show in /proc/PID/pagemap only with CAP_SYS_ADMIN."""
+    global _pfns_visible
+    if _pfns_visible is None:
+        import mmap
+        import struct
+        m = mmap.mmap(-1, 4096)
+        m[0] = 1
+        import ctypes
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        with open("/proc/self/pagemap", "rb", 0) as f:
+            f.seek(addr // 4096 * 8)
+            e = struct.unpack("<Q", f.read(8))[0]
+        _pfns_visible = bool(e & ((1 << 55) - 1))
+        del addr
+        m.close()
+    return _pfns_visible
+
+
+def cow_ranges(child: int, parent: int, child_vmas, parent_vmas) -> list[int]:
+    """(start, end) pairs, flat, of the child's private memory that shows the
+    very page its parent shows at that address (read in the freeze from both
+    pagemaps): inherited at fork and written by neither since, or untouched
+    by both. Compared 512 entries at a time, entry by entry only where a
+    block differs."""
+    if not pfns_visible():
+        return []
+    pv = sorted((v.start, v.end) for v in parent_vmas if not v.shared and v.path not in
+                mm_obj.SPECIAL)
+    out: list[int] = []
+    from array import array
+    with open(f"/proc/{child}/pagemap", "rb", 0) as fc, \
+            open(f"/proc/{parent}/pagemap", "rb", 0) as fp:
+        for v in child_vmas:
+            if v.shared or v.path in mm_obj.SPECIAL:
+                continue
+            for ps, pe in pv:
+                s, e = max(v.start, ps), min(v.end, pe)
+                if s >= e:
+                    continue
+                for at in range(s, e, _CHUNK * 4096):
+                    end = min(e, at + _CHUNK * 4096)
+                    n = (end - at) // 4096
+                    a = _masked(os.pread(fc.fileno(), n * 8, at // 4096 * 8))
+                    b = _masked(os.pread(fp.fileno(), n * 8, at // 4096 * 8))
+                    if len(a) != n * 8 or len(b) != n * 8:
+                        continue
+                    if a == b:
+                        _add(out, at, end, s)
+                        continue
+                    aa, bb = array("Q", a), array("Q", b)
+                    for i in range(n):
+                        if aa[i] == bb[i]:
+                            _add(out, at + i * 4096, at + (i + 1) * 4096, s)
+    return out
+
+
+def _add(out: list[int], s: int, e: int, floor: int) -> None:
+    """Append [s, e), merged with the last range unless that ends at ``floor``
+    (a range never spans two VMAs)."""
+    if out and out[-1] == s and s > floor:
+        out[-1] = e
+    else:
+        out.extend((s, e))
+
+
+def subtract(rows, ranges):
+    """Region rows (flat start, end, flags) without the flat (start, end)
+    ``ranges`` (both sorted)."""
+    from array import array
+    if not ranges:
+        return rows
+    out = array("Q")
+    pairs = list(zip(ranges[0::2], ranges[1::2]))
+    j = 0
+    for i in range(0, len(rows), 3):
+        s, e, f = rows[i], rows[i + 1], rows[i + 2]
+        while j < len(pairs) and pairs[j][1] <= s:
+            j += 1
+        k = j
+        while s < e:
+            if k >= len(pairs) or pairs[k][0] >= e:
+                out.extend((s, e, f))
+                break
+            cs, ce = pairs[k]
+            if cs > s:
+                out.extend((s, cs, f))
+            s = max(s, ce)
+            k += 1
+    return out
+
+
+def left_ranges(prev: list[int], now: list[int]) -> list[tuple[int, int]]:
+    """What was shared with the parent at the last round and is not now
+    (the parent wrote it: the child's own copy must be stored now)."""
+    if not prev:
+        return []
+    from array import array
+    rows = array("Q")
+    for s, e in zip(prev[0::2], prev[1::2]):
+        rows.extend((s, e, 0))
+    rest = subtract(rows, now)
+    return [(rest[i], rest[i + 1]) for i in range(0, len(rest), 3)]
