@@ -1222,7 +1222,7 @@ def _refuse_lone_pipe_ends(fds, covered: dict[str, int], stdio: str, root_fds=()
     first: dict[tuple[int, int], object] = {}
     root = {id(e) for e in root_fds}
     for e in fds:
-        if e.type != files_pb2.FD_PIPE or e.path in covered or (
+        if e.type != files_pb2.FD_PIPE or e.path in covered or e.pipe_peer_closed or (
                 id(e) in root and f"fd{e.fd}" in covered):
             continue
         key = (e.dev, e.pipe_id)

@@ -214,3 +214,85 @@ def test_copy_on_write_memory_stays_shared(tmp_path, reaper, predump):
     ch.send("quit\n")
     assert r.wait(10) == 0
     ch.close()
+
+
+def _c_project(d):
+    d.mkdir()
+    names = [f"m{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        # enough code that cc1 runs a while
+        body = "\n".join(f"static int f{j}(int x) {{ return x * {j + 3} + (x >> {j % 7}); }}"
+                         for j in range(400))
+        calls = " + ".join(f"f{j}(x)" for j in range(0, 400, 7))
+        (d / f"{n}.c").write_text(f"{body}\nint {n}(int x) {{ return {calls}; }}\n")
+    (d / "main.c").write_text("".join(f"int {n}(int);\n" for n in names)
+                              + "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", "
+                              + " + ".join(f"{n}(1)" for n in names) + "); return 0; }\n")
+    objs = " ".join(f"{n}.o" for n in [*names, "main"])
+    (d / "Makefile").write_text(
+        f"prog: {objs}\n\tcc -o prog {objs}\n"
+        "%.o: %.c\n\tsleep 0.2\n\tcc -O2 -c -o $@ $<\n")
+
+
+def test_make_j2_checkpointed_mid_build(tmp_path, reaper):
+    """make -j2 of a small C project, dumped mid-build (make, its shells, cc
+    and cc1 at work) and restored: the build completes and its program is
+    byte for byte the one an uninterrupted build makes."""
+    import shutil
+    import subprocess
+    import time
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.skip("make and cc are needed (tools/test installs them)")
+    ref, work = tmp_path / "ref", tmp_path / "work"
+    _c_project(ref)
+    _c_project(work)
+    subprocess.run(["make", "-s", "-j2"], cwd=ref, check=True, capture_output=True)
+    ch = Channel()
+    p = ch.popen(["make", "-s", "-j2"], cwd=work)
+    reaper.append(p.pid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            open(f"/proc/{q}/comm").read().strip() == "cc1" for q in _tree_pids(p.pid)
+            if os.path.exists(f"/proc/{q}")):
+        time.sleep(0.005)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        st = ck.dump()
+    p.wait(10)
+    reaper.extend(q["pid"] for q in st.processes)
+    assert len(st.processes) >= 3, st.processes
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert r.wait(60) == 0
+    assert (work / "prog").read_bytes() == (ref / "prog").read_bytes()
+    ch.close()
+
+
+CLOSED_PIPE = """
+import os, sys
+r, w = os.pipe()
+os.write(w, b"left behind")
+os.close(w)   # no writer left anywhere: the next reads give the data, then EOF
+print("READY", flush=True)
+sys.stdin.readline()
+print("GOT", os.read(r, 100).decode(), repr(os.read(r, 100)), flush=True)
+"""
+
+
+def test_pipe_whose_other_end_is_closed_everywhere(tmp_path, reaper):
+    """A read end whose write end no process holds any more is restored
+    with its data and its EOF (not refused as a pipe to another process)."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", CLOSED_PIPE])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert ch.ask("go", "GOT") == "GOT left behind b''"
+    assert r.wait(10) == 0
+    ch.close()

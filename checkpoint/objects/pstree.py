@@ -78,6 +78,8 @@ def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[i
     records carry."""
     procs = tree.procs
     by_pid = tree.by_pid
+    if final:
+        _mark_closed_pipes(recs)
     for p in procs[1:]:
         t = recs[p.pid]["pstree"]
         parent = by_pid.get(t.ppid)
@@ -126,6 +128,50 @@ def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[i
         for key, e in mine:
             seen.setdefault(key, []).append((p.pid, e))
     return skip
+
+
+def _mark_closed_pipes(recs: dict[int, dict]) -> None:
+    """A pipe of which the dumped processes hold one end only: if no other
+    process holds the other end either (every fd of every process on the
+    host looked at: a pipe ends where its fds do), that end was closed for
+    good (a writer that exited, a child's end closed after exec) and the
+    restore makes it so again; otherwise the restore refuses it, naming the
+    fd, unless a stand-in is given."""
+    ends: dict[int, set[int]] = {}
+    entries: dict[int, list] = {}
+    for rec in recs.values():
+        for e in rec["files"].fds:
+            if e.type == files_pb2.FD_PIPE and not e.external:
+                acc = e.flags & os.O_ACCMODE
+                ends.setdefault(e.pipe_id, set()).update(
+                    (os.O_RDONLY, os.O_WRONLY) if acc == os.O_RDWR else (acc,))
+                entries.setdefault(e.pipe_id, []).append(e)
+    lone = {ino for ino, m in ends.items() if len(m) < 2}
+    if not lone:
+        return
+    held = _pipes_held_outside(set(recs), {f"pipe:[{ino}]" for ino in lone})
+    for ino in lone - held:
+        for e in entries[ino]:
+            e.pipe_peer_closed = True
+
+
+def _pipes_held_outside(pids: set[int], links: set[str]) -> set[int]:
+    out: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in pids:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if link in links:
+                out.add(int(link[6:-1]))
+    return out
 
 
 def _link(e, pid: int, fd: int, same: bool) -> None:
