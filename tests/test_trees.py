@@ -296,3 +296,88 @@ def test_pipe_whose_other_end_is_closed_everywhere(tmp_path, reaper):
     assert ch.ask("go", "GOT") == "GOT left behind b''"
     assert r.wait(10) == 0
     ch.close()
+
+
+def _edits():
+    def child(recs, i=1):
+        return [t for t in recs["pstree"] if not t.zombie][i]
+
+    def files_of(recs, pid):
+        return next(f for f in recs["files"] if f.pid == pid)
+
+    def mm_of(recs, pid):
+        return next(m for m in recs["mm"] if m.pid == pid)
+
+    def linked_fd(recs):
+        for f in recs["files"]:
+            for e in f.fds:
+                if e.HasField("tree_pid"):
+                    return f, e
+        raise AssertionError("no linked fd")
+
+    def parent_unknown(recs):
+        child(recs).ppid = 4_000_000 - 1
+
+    def fd_names_later(recs):
+        f, e = linked_fd(recs)
+        e.tree_pid = [t.pid for t in recs["pstree"] if not t.zombie][-1]
+
+    def fd_names_missing_fd(recs):
+        _, e = linked_fd(recs)
+        e.tree_fd = 999
+
+    def vma_bogus_share(recs):
+        m = mm_of(recs, child(recs).pid)
+        v = next(v for v in m.vmas if v.shared_pid)
+        v.shared_start += 4096
+
+    def root_cow(recs):
+        mm_of(recs, recs["pstree"][0].pid).cow_parent.extend([4096, 8192])
+
+    def cow_outside(recs):
+        m = mm_of(recs, child(recs).pid)
+        m.cow_parent[:] = [4096, 8192]
+
+    def pid_twice(recs):
+        from checkpoint.images.pb import pstree_pb2
+        dup = pstree_pb2.PstreeEntry()
+        dup.CopyFrom(child(recs, 1))
+        recs["pstree"].append(dup)
+
+    def zombie_threads(recs):
+        next(t for t in recs["pstree"] if t.zombie).threads.append(12345)
+
+    return [(parent_unknown, "is not earlier in the tree"),
+            (fd_names_later, "not an earlier one"),
+            (fd_names_missing_fd, "which it does not have"),
+            (vma_bogus_share, "names no shared VMA"),
+            (root_cow, "a parent it has not"),
+            (cow_outside, "outside its private VMAs"),
+            (pid_twice, "given twice"),
+            (zombie_threads, "has records or threads")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_hostile_tree_images_refused_before_anything_starts(tmp_path, reaper):
+    """Links between the processes of a tree are checked before anything is
+    started: each impossible one is refused naming it."""
+    from checkpoint.errors import ImageError
+    from image_edit import edited_copy
+    ch, p, workers, session_kid, zombie = _start_server(reaper)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    for i, (edit, msg) in enumerate(_edits()):
+        bad = edited_copy(tmp_path / "img", tmp_path / f"bad{i}", edit)
+        with pytest.raises(ImageError, match=msg):
+            restore(bad, inherit=stdio, inherit_stdio=False)
+        assert not any(_alive(w) for w in workers), edit.__name__
+    ch.close()
