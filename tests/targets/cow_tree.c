@@ -60,7 +60,7 @@ static void on_usr1(int sig) {
 int main(int argc, char **argv) {
     size_t mib = argc > 1 ? strtoul(argv[1], 0, 10) : 64;
     nworkers = argc > 2 ? atoi(argv[2]) : 4;
-    if (nworkers < 1 || nworkers > 64) return 2;
+    if (nworkers < 0 || nworkers > 64) return 2;
     pages = mib * 256;
     if (pages < 128 + 10 * nworkers) return 2;
     mem = mmap(NULL, pages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
