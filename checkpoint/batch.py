@@ -29,7 +29,7 @@ restorer's placeholder, whose dispositions are set later and which dies
 with the engine): a thread left in the routine by a dying engine would hit
 the int3 with no tracer and die of SIGTRAP. For an injector in safe mode
 the same table runs as one injected call per entry, with the same results
-and errors.
+and errors (so does a table of fewer than ``MIN_ROUTINE`` entries).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 import signal
-import struct
 import time
 from array import array
 from typing import Iterable, Sequence
@@ -63,6 +62,9 @@ ANY = object()
 _EXPECT_FLAG, _ANY_FLAG = 1 << 32, 1 << 33
 ENTRY_SIZE = 64
 RESULT_SIZE = 8
+#: smaller tables run one injected call per entry: setting up and removing
+#: the routine's area costs three
+MIN_ROUTINE = 4
 #: table pages of an area: 4096 entries per round trip
 DEFAULT_PAGES = 72
 TASK_SIZE = 0x7FFFFFFFF000
@@ -83,21 +85,45 @@ class BatchError(InjectionError):
         self.index, self.call, self.result, self.results = index, call, result, results
 
 
-def _norm(entry: Entry) -> tuple[int, tuple[int, ...], int, int]:
-    """(nr, six u64 args, flags, expect as u64)."""
-    nr = entry[0]
-    if isinstance(nr, str):
-        nr = NR[nr]
-    rest = list(entry[1:])
-    if len(rest) > 7:
-        raise ValueError("a batch entry has at most 6 arguments and an expected result")
-    expect = rest.pop() if len(rest) == 7 or rest and rest[-1] is ANY else None
-    args = tuple(_u64(a) for a in rest) + (0,) * (6 - len(rest))
-    if expect is None:
-        return nr, args, 0, 0
-    if expect is ANY:
-        return nr, args, _ANY_FLAG, 0
-    return nr, args, _EXPECT_FLAG, _u64(expect)
+_M = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _pack(entries: Iterable[Entry]) -> array:
+    """The table as the routine reads it: 8 quadwords an entry (routine.S)."""
+    words = array("Q")
+    put = words.extend
+    for e in entries:
+        nr = e[0]
+        if nr.__class__ is str:
+            nr = NR[nr]
+        if len(e) == 8:  # the common case, fast: every argument and an expectation
+            x = e[7]
+            if x is None:
+                flags, x = 0, 0
+            elif x is ANY:
+                flags, x = _ANY_FLAG, 0
+            else:
+                flags, x = _EXPECT_FLAG, x & _M
+            put((nr | flags, e[1] & _M, e[2] & _M, e[3] & _M, e[4] & _M, e[5] & _M,
+                 e[6] & _M, x))
+            continue
+        rest = list(e[1:])
+        if len(rest) > 7:
+            raise ValueError("a batch entry has at most 6 arguments and an expected result")
+        flags = 0
+        if rest and rest[-1] is ANY:
+            rest.pop()
+            flags = _ANY_FLAG
+        if len(rest) > 6:
+            raise ValueError("a batch entry has at most 6 arguments and an expected result")
+        put((nr | flags, *(a & _M for a in rest), *(0,) * (7 - len(rest))))
+    return words
+
+
+def _entry(words: array, i: int) -> tuple[int, tuple[int, ...], int, int]:
+    """(nr, args, flags, expect) of entry ``i`` of a packed table."""
+    w = words[8 * i:8 * i + 8]
+    return w[0] & 0xFFFF_FFFF, tuple(w[1:7]), w[0] >> 32 << 32, w[7]
 
 
 def _stops(res: int, flags: int, expect: int) -> bool:
@@ -115,9 +141,9 @@ def _describe(nr: int, args: tuple[int, ...]) -> str:
     return f"{name}({', '.join(hex(_s64(a)) if _s64(a) < 0 else hex(a) for a in args)})"
 
 
-def _error(remote: Injector, i: int, n: int, e: tuple, res: int,
+def _error(remote: Injector, i: int, n: int, words: array, res: int,
            results: list[int]) -> BatchError:
-    nr, args, flags, expect = e
+    nr, args, flags, expect = _entry(words, i)
     call = _describe(nr, args)
     if -4096 < res < 0:
         why = os.strerror(-res)
@@ -152,34 +178,36 @@ def run(remote: Injector, entries: Iterable[Entry], *, at: int | None = None,
     address of the area (``area_size(pages)`` bytes, mapped there with
     MAP_FIXED_NOREPLACE; a place none of the table's mappings covers), or
     None for one the kernel chooses."""
-    table = [_norm(e) for e in entries]
-    if not table:
+    words = _pack(entries)
+    total = len(words) // 8
+    if not total:
         return []
-    if remote.safe:
-        return _one_by_one(remote, table)
+    if remote.safe or total < MIN_ROUTINE:
+        return _one_by_one(remote, words)
     per = pages * PAGE_SIZE // (ENTRY_SIZE + RESULT_SIZE)
     area = _Area(remote, at, pages)
     try:
         results: list[int] = []
-        for lo in range(0, len(table), per):
-            chunk = table[lo:lo + per]
+        for lo in range(0, total, per):
+            chunk = words[8 * lo:8 * (lo + per)]
+            n = len(chunk) // 8
             got, reached = area.run(chunk)
             results.extend(got[:reached])
-            if reached < len(chunk):
-                raise _error(remote, lo + reached, len(table), chunk[reached], got[reached],
-                             results)
+            if reached < n:
+                raise _error(remote, lo + reached, total, words, got[reached], results)
         return results
     finally:
         area.close()
 
 
-def _one_by_one(remote: Injector, table) -> list[int]:
+def _one_by_one(remote: Injector, words: array) -> list[int]:
     results: list[int] = []
-    for i, e in enumerate(table):
-        nr, args, flags, expect = e
+    total = len(words) // 8
+    for i in range(total):
+        nr, args, flags, expect = _entry(words, i)
         res = remote.syscall(nr, *args)
         if _stops(res, flags, expect):
-            raise _error(remote, i, len(table), e, res, results)
+            raise _error(remote, i, total, words, res, results)
         results.append(res)
     return results
 
@@ -219,14 +247,9 @@ class _Area:
     def run(self, chunk) -> tuple[list[int], int]:
         """Run one chunk: (its results up to the entry reached, included;
         the index reached)."""
-        r, tid, n = self.r, self.r.tid, len(chunk)
-        words = array("Q")
-        for nr, args, flags, expect in chunk:
-            words.append(nr | flags)
-            words.extend(args)
-            words.append(expect)
+        r, tid, n = self.r, self.r.tid, len(chunk) // 8
         results_at = self.table + n * ENTRY_SIZE
-        r.write(self.table, words.tobytes())
+        r.write(self.table, chunk.tobytes())
         regs = pt.user_regs_struct.from_buffer_copy(r.saved_regs)
         regs.rip = self.base
         regs.rbx, regs.r12, regs.r13, regs.r15 = self.table, n, results_at, 0
@@ -247,8 +270,7 @@ class _Area:
         if reached > n:
             raise InjectionError(f"batched-syscall routine of thread {tid} came back with "
                                  f"index {reached} of {n}", r.proc.pid)
-        raw = r.read(results_at, min(reached + 1, n) * RESULT_SIZE)
-        got = [_s64(v) for v in struct.unpack(f"<{len(raw) // 8}Q", raw)]
+        got = array("q", r.read(results_at, min(reached + 1, n) * RESULT_SIZE)).tolist()
         r.count += 1
         return got, reached
 

@@ -117,10 +117,10 @@ def test_a_stop_mid_table_names_the_entry_and_runs_nothing_after(busy):
             mine = [m for m in maps(busy.pid) if at <= m[0] < at + 2 * PAGE]
             assert mine == [(at, at + PAGE, "r--p")]  # the entry after the stop did not run
             # a result other than the expected one stops the table too
-            with pytest.raises(BatchError, match=r"entry 1 of 3, getpid\(\).*returned "
+            with pytest.raises(BatchError, match=r"entry 1 of 4, getpid\(\).*returned "
                                rf"{busy.pid:#x}, not {busy.pid + 1:#x}") as e:
                 r.batch([("gettid",), ("getpid", 0, 0, 0, 0, 0, 0, busy.pid + 1),
-                         ("munmap", at, PAGE)])
+                         ("munmap", at, PAGE), ("getpid",)])
             assert e.value.index == 1 and e.value.errno is None
             assert any(m[0] == at for m in maps(busy.pid))
             r.call("munmap", at, PAGE)
@@ -175,7 +175,7 @@ def test_an_entry_unmapping_the_routine_is_an_error_not_a_crash(busy):
         with Injector(proc, proc.tids[0], safe=False) as r:
             at = free(busy.pid, batch.area_size())
             with pytest.raises(InjectionError, match="got SIGSEGV"):
-                batch.run(r, [("getpid",), ("munmap", at, batch.area_size())], at=at)
+                batch.run(r, [("getpid",)] * 3 + [("munmap", at, batch.area_size())], at=at)
             assert r.call("getpid") == busy.pid  # the thread is still usable
     assert maps(busy.pid) == before
     assert_fine(busy)
@@ -205,3 +205,16 @@ def test_target_killed_mid_batch(busy):
     assert busy.proc.wait(5) == -signal.SIGKILL or not os.path.exists(f"/proc/{busy.pid}")
     for tid in tids:
         assert proc_state(tid) in ("", "X"), f"thread {tid} left behind"
+
+
+def test_a_batch_that_does_not_finish_in_time_is_interrupted_and_put_back(busy):
+    with freeze(busy.pid) as proc:
+        proc.timeout = 0.3
+        with Injector(proc, proc.tids[0], safe=False) as r:
+            ts = r.scratch
+            r.write(ts, (0).to_bytes(8, "little") + (100_000_000).to_bytes(8, "little"))
+            with pytest.raises(InjectionError, match="did not finish its batched syscalls "
+                               "within 0.3s"):
+                r.batch([("nanosleep", ts, 0)] * 20)  # 2 s
+            assert r.call("getpid") == busy.pid
+    assert_fine(busy)
