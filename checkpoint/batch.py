@@ -9,8 +9,9 @@ Each entry is ``(nr, a0, ..., a5[, expect])`` (missing arguments are 0; ``nr``
 a number or a name). The table stops at the first entry whose result is an
 error (-4095..-1), or, when ``expect`` is an int, whose result is not
 ``expect`` (an mmap must return its MAP_FIXED address); ``ANY`` as the last
-item (after any number of arguments) never stops. On a stop, :class:`BatchError` names the entry (its index, call,
-result); the entries after it were not run. Otherwise the list of results.
+item (after any number of arguments) never stops. On a stop,
+:class:`BatchError` names the entry (its index, call, result); the entries
+after it were not run. Otherwise the list of results.
 
 How (docs/architecture.md, "Batched syscalls"): an 83-byte
 position-independent routine (``tools/batch/routine.S``, assembled by
@@ -20,8 +21,10 @@ and the results (8 bytes an entry). The thread is pointed at it with the
 table's address in its registers and PTRACE_CONTed; the routine runs the
 entries natively and ends on ``int3``, whose SIGTRAP the engine catches at
 the signal-delivery stop (SIGTRAP is left unblocked for that, so the kernel
-does not have to force it: a forced blocked signal would reset the
-thread's SIGTRAP disposition). A longer table is run in chunks of what the
+does not have to force it: forcing a blocked or ignored trap signal resets
+its disposition to SIG_DFL; a SIGTRAP set to SIG_IGN is still reset, which
+does not matter to the placeholder, whose dispositions are restored after
+its memory). A longer table is run in chunks of what the
 area holds. The area is unmapped at the end.
 
 Only for a thread in the injector's plain mode (``safe=False``: the
