@@ -424,3 +424,12 @@ class Injector:
 
     def read_u64(self, addr: int) -> int:
         return struct.unpack("<Q", self.read(addr, 8))[0]
+
+    def batch(self, entries, *, at: int | None = None) -> list[int]:
+        """Run a table of syscalls for one ptrace round trip (``batch.py``):
+        entries ``(nr, a0..a5[, expect])``; stops at the first error, or
+        result other than ``expect``, raising ``batch.BatchError`` naming the
+        entry; else the list of results. ``at``: where to map the routine's
+        area (``batch.area_size()`` bytes free of what the table maps)."""
+        from . import batch
+        return batch.run(self, entries, at=at)

@@ -35,7 +35,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import hooks
+from . import batch, hooks
 from .errors import (CheckpointError, ImageError, InjectionError, Interrupted, RestoreError,
                      UsageError)
 from .interrupt import check as check_stop
@@ -803,40 +803,54 @@ class _Builder:
             if want:
                 self._what = "memfds of mappings"
                 self.premade.update(premake_memfds(r, files, sorted(want)))
+        # one batch of mmaps (batch.py), each checked to land at its address
+        table, named = [], []
+        nr_mmap, special = NR["mmap"], mm_obj.SPECIAL
         try:
             for v in vmas:
-                if v.path in mm_obj.SPECIAL or v.start in self.kept:
+                path = v.path
+                if path in special or v.start in self.kept:
                     continue
-                self._what = f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
                 flags = (v.flags & ~0x20) | MAP_FIXED  # MAP_ANONYMOUS set below when needed
                 fd, off = -1, 0
-                file_backed = v.inode and not v.path.startswith("[") and not v.status & (
-                    mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON) and \
-                    not v.path.startswith("/memfd:")
+                file_backed = v.inode and not path.startswith(("[", "/memfd:")) and \
+                    not v.status & (mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON)
                 if file_backed:
+                    self._what = _vma_what(v)
                     # a shared mapping that is writable, or may become so
                     # (VM_MAYWRITE, "mw": the file was opened for writing
                     # and a later mprotect may ask for it), needs the file
                     # open for writing
                     acc = O_RDWR if v.flags & 0x01 and (v.prot & 2 or "mw" in v.vmflags) \
                         else O_RDONLY
-                    fd = opened.get((v.path, acc))
+                    fd = opened.get((path, acc))
                     if fd is None:
-                        fd = self._open_checked(r, v.path, acc, (v.dev, v.inode), "mapped file")
-                        opened[(v.path, acc)] = fd
+                        fd = self._open_checked(r, path, acc, (v.dev, v.inode), "mapped file")
+                        opened[(path, acc)] = fd
                     off = v.offset
                 elif v.start in self.tree_maps:
                     fd, off = self.tree_maps[v.start], v.offset
-                elif v.path.startswith("/memfd:") and (v.dev, v.inode) in self.premade:
+                elif path.startswith("/memfd:") and (v.dev, v.inode) in self.premade:
                     fd, off = self.premade[(v.dev, v.inode)], v.offset
                 else:
                     flags |= 0x20
                 prot = v.prot
-                if _written_shared_ro(v, fd):
+                if flags & 0x01 and _written_shared_ro(v, fd):
                     prot |= mm_obj.PROT_READ | mm_obj.PROT_WRITE  # no forced write into it
-                got = r.call("mmap", v.start, v.end - v.start, prot, flags, fd, off)
-                if got != v.start:
-                    raise RestoreError(f"mmap put {self._what} at {got:#x}")
+                start = v.start
+                table.append((nr_mmap, start, v.end - start, prot, flags, fd, off, start))
+                named.append(v)
+            self._what = f"{len(table)} mappings"
+            spans = [(v.start, v.end) for v in self.rec["mm"].vmas]
+            try:
+                r.batch(table, at=batch.free_area(
+                    spans + [(r.scratch, r.scratch + PAGE)], batch.area_size()))
+            except batch.BatchError as e:
+                self._what = _vma_what(named[e.index])
+                if e.errno is not None:
+                    raise InjectionError(f"mmap in process {self.pid} (thread {r.tid}) failed: "
+                                         f"{os.strerror(e.errno)}", self.pid, e.errno) from None
+                raise RestoreError(f"mmap put {self._what} at {e.result:#x}") from None
         finally:
             for fd in [*opened.values(), *self.tree_maps.values()]:
                 r.syscall("close", fd)
@@ -1141,6 +1155,10 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
         step(n, b, b.check_applied)
         pages += b.pages
     return pages
+
+
+def _vma_what(v) -> str:
+    return f"VMA {v.start:#x}-{v.end:#x} {v.path}".rstrip()
 
 
 def _written_shared_ro(v, fd: int) -> bool:

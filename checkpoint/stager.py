@@ -35,6 +35,7 @@ import time
 
 from . import faults
 from . import restorer as R
+from .batch import BatchError
 from .errors import CheckpointError, InjectionError, Interrupted, RestoreError
 from .freezer import freeze_process
 from .images import format as F
@@ -202,9 +203,8 @@ class Stager:
         for k, v in want.items():
             if k not in self.mapped and tracker_identity(v) in old_t:
                 carry[k] = self.proc.mem.read(v.start, v.end - v.start)
-        for k, v in list(self.mapped.items()):
-            if k not in want:
-                r.call("munmap", v.start, v.end - v.start)
+        r.batch([("munmap", v.start, v.end - v.start) for k, v in self.mapped.items()
+                 if k not in want])
         kept = {k: v for k, v in self.mapped.items() if k in want}
         # the scratch page: free in what stays mapped and in what comes
         r.map_scratch(R._free_page([*kept.values(), *rec["mm"].vmas]))
@@ -213,10 +213,12 @@ class Stager:
             b._map_vmas(r, fresh)
         for k, data in carry.items():
             self.proc.mem.write(want[k].start, data)
-        for k, v in want.items():
-            if k in kept and kept[k].prot != v.prot:
-                b._what = f"VMA {v.start:#x}-{v.end:#x} protection"
-                r.call("mprotect", v.start, v.end - v.start, v.prot)
+        reprotect = [v for k, v in want.items() if k in kept and kept[k].prot != v.prot]
+        try:
+            r.batch([("mprotect", v.start, v.end - v.start, v.prot) for v in reprotect])
+        except BatchError as e:
+            b._what = f"VMA {reprotect[e.index].start:#x}-{reprotect[e.index].end:#x} protection"
+            raise
         self.mapped = want
         b._what = "memory pages"
         self._pages(r, rec["pstree"].pid, new,
