@@ -105,7 +105,7 @@ class Checkpointer:
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
                  action_scripts: list[str] | None = None, file_locks: bool = False,
-                 skip_children: bool = False):
+                 skip_children: bool = False, pages_first: bool = False):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -138,6 +138,11 @@ class Checkpointer:
         self.file_locks = file_locks
         #: dump a process that has children alone (they are not in the image)
         self.skip_children = skip_children
+        #: a final dump reads the pages before the rest of the state, so they
+        #: stream (live migration: to the page server) while the injected
+        #: calls, smaps and the fds are read; the memory map the pages were
+        #: collected with must be the one smaps then shows
+        self.pages_first = pages_first
         self.progress = progress
         self.freeze_timeout = freeze_timeout
         #: called as on_frozen(frozen_process) inside every freeze, after the
@@ -351,11 +356,23 @@ class Checkpointer:
                 log.info("froze %d threads of %d in %.2f ms; tracker %s%s", len(proc.tids),
                          self.pid, proc.freezing_ms, tracker.name,
                          f" (full layer: {full_reason})" if full_reason else "")
+                early = final and self.pages_first and not leave_running
+                if early:   # pages first: collected with the maps, exact but for VmFlags
+                    maps = procfs.read_maps(self.pid)
+                    tracker.whole_vmas.clear()
+                    regions = _collect(tracker, self.pid, maps)
+                    t_mem = time.perf_counter()
+                    mem_ms = self._write_pages(writer, regions, progress)
                 records = self._metadata(proc, final)
                 vmas = records.pop("_vmas")
                 check_stop()
-                tracker.whole_vmas.clear()
-                regions = _collect(tracker, self.pid, vmas)
+                if early:
+                    if [_flag_key(v) for v in vmas] != [_flag_key(v) for v in maps]:
+                        raise CheckpointError(f"the memory map of {self.pid} changed inside "
+                                              "the freeze; nothing was published")
+                else:
+                    tracker.whole_vmas.clear()
+                    regions = _collect(tracker, self.pid, vmas)
                 faults.point("round.collected")
                 # a dump that kills the target ends the chain: nothing to arm
                 # for; -R keeps tracking, so the next checkpoint is incremental
@@ -377,11 +394,12 @@ class Checkpointer:
 
                 if not final and not hold:
                     thaw()
-                t_mem = time.perf_counter()
-                mem_ms = self._write_pages(
-                    writer, regions, progress, lost=None if final else lost,
-                    thaw=None if final or not hold else (int(regions.data_pages * hold),
-                                                         thaw))
+                if not early:
+                    t_mem = time.perf_counter()
+                    mem_ms = self._write_pages(
+                        writer, regions, progress, lost=None if final else lost,
+                        thaw=None if final or not hold else (int(regions.data_pages * hold),
+                                                             thaw))
                 if not final:
                     if proc.threads:
                         thaw()
