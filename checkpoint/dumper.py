@@ -22,6 +22,8 @@ import os
 import signal
 import time
 from array import array
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
@@ -362,8 +364,19 @@ class Checkpointer:
                     tracker.whole_vmas.clear()
                     regions = _collect(tracker, self.pid, maps)
                     t_mem = time.perf_counter()
-                    mem_ms = self._write_pages(writer, regions, progress)
-                records = self._metadata(proc, final)
+                    # read (and streamed) by a helper thread while this one, the
+                    # tracer, injects its calls and reads smaps and the fds
+                    reader = ThreadPoolExecutor(1, thread_name_prefix="dump-pages")
+                    pages = reader.submit(self._write_pages, writer, regions, progress)
+                    reader.shutdown(wait=False)
+                    try:
+                        records = self._metadata(proc, final)
+                    except BaseException:
+                        futures_wait([pages])
+                        raise
+                    mem_ms = pages.result()
+                else:
+                    records = self._metadata(proc, final)
                 vmas = records.pop("_vmas")
                 check_stop()
                 if early:
