@@ -18,7 +18,8 @@ only, in chain order, which gives the chain's newest copy of every page:
   that changed identity: start, end, file, offset, sharing) is mapped fresh
   (the trackers report such a VMA whole, so the layer holds all of it); a
   VMA that only changed protection is mprotect'ed and keeps its pages;
-- data pages are written through /proc/PID/mem; zero pages of a kept VMA
+- data pages are written by process_vm_writev, many ranges a call (through
+  /proc/PID/mem where it refuses: no PROT_WRITE); zero pages of a kept VMA
   are dropped with MADV_DONTNEED (anonymous memory reads zero again, a
   private file mapping shows its file again), which is what a zero entry
   means; in a fresh mapping they already are.
