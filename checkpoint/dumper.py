@@ -22,6 +22,8 @@ import os
 import signal
 import time
 from array import array
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
@@ -110,7 +112,7 @@ class Checkpointer:
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
                  action_scripts: list[str] | None = None, file_locks: bool = False,
-                 skip_children: bool = False, tree: bool = True):
+                 skip_children: bool = False, tree: bool = True, pages_first: bool = False):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -146,6 +148,11 @@ class Checkpointer:
         #: dump the process with all its descendants (CRIU's -t); off: a
         #: process with children is refused unless skip_children
         self.tree = tree and not skip_children
+        #: a final dump reads the pages before the rest of the state, so they
+        #: stream (live migration: to the page server) while the injected
+        #: calls, smaps and the fds are read; the memory map the pages were
+        #: collected with must be the one smaps then shows (one process)
+        self.pages_first = pages_first
         self.progress = progress
         self.freeze_timeout = freeze_timeout
         #: called as on_frozen(frozen_process) inside every freeze, after the
@@ -380,17 +387,45 @@ class Checkpointer:
                          len(procs), sum(len(p.tids) for p in procs), tree.freezing_ms,
                          root_tracker.name,
                          f" (full layer: {full_reason})" if full_reason else "")
-                recs = {p.pid: self._metadata(p, final) for p in procs}
+                early = final and self.pages_first and not leave_running and len(procs) == 1
+                if early:   # pages first: collected with the maps, exact but for VmFlags
+                    maps = procfs.read_maps(self.pid)
+                    root_tracker.whole_vmas.clear()
+                    early_regions = _collect(root_tracker, self.pid, maps)
+                    progress.total(early_regions.data_pages)
+                    t_mem = time.perf_counter()
+                    # read (and streamed) by a helper thread while this one, the
+                    # tracer, injects its calls and reads smaps and the fds
+                    reader = ThreadPoolExecutor(1, thread_name_prefix="dump-pages")
+                    pages = reader.submit(self._write_pages, writer, self.pid, early_regions,
+                                          progress)
+                    reader.shutdown(wait=False)
+                    try:
+                        recs = {self.pid: self._metadata(procs[0], final)}
+                    except BaseException:
+                        futures_wait([pages])
+                        raise
+                    mem_ms = pages.result()
+                else:
+                    recs = {p.pid: self._metadata(p, final) for p in procs}
                 vmas_of = {pid: r.pop("_vmas") for pid, r in recs.items()}
                 linked = tree_obj.link_tree(recs, tree, final=final)
-                cow = self._cow_shared(tree, vmas_of, recs, full_reasons)
                 check_stop()
                 regions: dict[int, Regions] = {}
-                for p in procs:
-                    tr = trackers[p.pid]
-                    tr.whole_vmas.clear()
-                    regions[p.pid] = _collect(tr, p.pid, vmas_of[p.pid],
-                                              skip=linked.get(p.pid, ()), cow=cow.get(p.pid))
+                if early:
+                    if [_flag_key(self.pid, v) for v in vmas_of[self.pid]] != \
+                            [_flag_key(self.pid, v) for v in maps]:
+                        raise CheckpointError(f"the memory map of {self.pid} changed inside "
+                                              "the freeze; nothing was published")
+                    regions[self.pid] = early_regions
+                else:
+                    cow = self._cow_shared(tree, vmas_of, recs, full_reasons)
+                    for p in procs:
+                        tr = trackers[p.pid]
+                        tr.whole_vmas.clear()
+                        regions[p.pid] = _collect(tr, p.pid, vmas_of[p.pid],
+                                                  skip=linked.get(p.pid, ()),
+                                                  cow=cow.get(p.pid))
                 faults.point("round.collected")
                 # a dump that kills the target ends the chain: nothing to arm
                 # for; -R keeps tracking, so the next checkpoint is incremental
@@ -415,18 +450,19 @@ class Checkpointer:
 
                 if not final and not hold:
                     thaw()
-                t_mem = time.perf_counter()
-                progress.total(data_pages)
-                mem_ms = 0.0
-                for p in procs:
-                    held = None
-                    if not final and hold and tree.threads:
-                        held = (int(regions[p.pid].data_pages * hold), thaw) \
-                            if p is procs[-1] else None
-                    mem_ms += self._write_pages(
-                        writer, p.pid, regions[p.pid], progress,
-                        lost=None if final else lost.setdefault(p.pid, []), thaw=held,
-                        no_pin=len(procs) > 1 and (not final or leave_running))
+                if not early:
+                    t_mem = time.perf_counter()
+                    progress.total(data_pages)
+                    mem_ms = 0.0
+                    for p in procs:
+                        held = None
+                        if not final and hold and tree.threads:
+                            held = (int(regions[p.pid].data_pages * hold), thaw) \
+                                if p is procs[-1] else None
+                        mem_ms += self._write_pages(
+                            writer, p.pid, regions[p.pid], progress,
+                            lost=None if final else lost.setdefault(p.pid, []), thaw=held,
+                            no_pin=len(procs) > 1 and (not final or leave_running))
                 if not final:
                     if tree.threads:
                         thaw()

@@ -30,8 +30,10 @@ arrival, less half a round trip (the message's way back).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +56,8 @@ class RoundStats:
     ms: float
     frozen_ms: float
     throttle: float = 0.0
+    #: the downtime predicted after this pre-dump round (0: the final round)
+    predicted_ms: float = 0.0
 
 
 @dataclass
@@ -108,7 +112,8 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
         with Checkpointer(pid, None, store=chain, track=track, threads=threads, tree=False,
                           compress_level=compress_level, progress=False,
                           count_skipped=False, skip_children=skip_children,
-                          file_locks=file_locks, external_fds=external_fds) as ck:
+                          file_locks=file_locks, external_fds=external_fds,
+                          pages_first=True) as ck:
             predicted = _precopy(ck, chain, stats, downtime_limit_ms, max_rounds,
                                  auto_converge, bar)
             stats.predicted_downtime_ms = predicted
@@ -117,6 +122,7 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
 
             def commit() -> None:     # the source is frozen; its layer is on the way
                 marks["sent"] = time.perf_counter()
+                marks["warm"].set()       # the frozen reads are done
                 answer.update(chain.wait_final(restoring))
                 marks["got"] = time.perf_counter()
 
@@ -124,7 +130,9 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
             # round then has the CPUs of both ends to itself (on a shared
             # machine a backlog of applying competes with the downtime)
             chain.wait_applied(chain.index - 1)
-            st = ck.dump(commit=commit)
+            with _locks_warm() as warm:
+                marks["warm"] = warm
+                st = ck.dump(commit=commit)
         stats.rounds += 1
         stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored,
                                           st.frozen_ms, st.frozen_ms))
@@ -155,6 +163,37 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
     return stats
 
 
+@contextlib.contextmanager
+def _locks_warm(period: float = 0.005, limit: float = 2.0):
+    """Keep reading /proc/locks while the final round runs. The dump reads it
+    inside the freeze (the POSIX locks of the process that no fd shows), and
+    the kernel takes a per-CPU rw-semaphore for writing to list the locks:
+    that waits for an RCU grace period (~10 ms here) unless another writer
+    took it within the last ~20-40 ms. A reader that starts as the freeze
+    does pays that wait in parallel with the freeze's first work and keeps
+    the semaphore warm, so the read inside the freeze takes microseconds.
+    What the dump reads is unchanged: it still reads /proc/locks, frozen."""
+    stop = threading.Event()
+
+    def warm() -> None:
+        t_end = time.monotonic() + limit
+        while not stop.is_set() and time.monotonic() < t_end:
+            try:
+                with open("/proc/locks", "rb") as f:
+                    f.read()
+            except OSError:
+                return        # no /proc/locks (CONFIG_FILE_LOCKING off)
+            stop.wait(period)
+
+    t = threading.Thread(target=warm, daemon=True, name="locks-warm")
+    t.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        t.join()
+
+
 def _rtt(conn) -> float:
     t = time.perf_counter()
     conn.send(T.PING, {"t": t})
@@ -173,6 +212,14 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
     prev_pages = None
     predicted = float("inf")
     while stats.rounds < max_rounds:
+        if chain.index == 1:
+            # the first layer holds every page, and applying it on the
+            # destination takes a few seconds a GiB (its memory is new there):
+            # a round scanned meanwhile carries pages that the round after
+            # carries again (that one waits for the apply anyway: one layer
+            # in flight at most). Scanning once after the apply sends each
+            # page rewritten meanwhile once, and the apply has the CPUs
+            chain.wait_applied(0)
         t0 = time.perf_counter()
         hold = THROTTLE_STEPS[throttle - 1] if throttle else 0.0
         st = ck.pre_dump(hold=hold) if hold else ck.pre_dump()
@@ -214,6 +261,7 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
             # round carries, so take it now and predict again
             chain.wait_applied(chain.index - 1)
             predicted = predict()
+        stats.per_round[-1].predicted_ms = predicted
         bar.note(f"round {stats.rounds}: {st.pages_written} pages, {ms:.0f} ms, "
                  f"{stats.bandwidth_mbps:.0f} Mbit/s, predicted downtime {predicted:.1f} ms")
         log.info("round %d: %d pages in %.1f ms (frozen %.1f); predicted downtime %.1f ms",

@@ -528,3 +528,98 @@ def test_a_process_with_children_is_refused_before_any_copy(hosts, key, tmp_path
     copy = adopt(t, res["restored_pid"])
     assert copy.cmd("pause") == "paused" and copy.cmd("check", timeout=30).startswith("good")
     assert proc_state(child) not in ("", "Z")   # left running on the source
+
+
+# --------------------------------------------------------------------------
+# the final round's pages: scattered single pages and pages of read-only memory
+
+SCATTER_TARGET = r'''
+import ctypes, os, random, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PS, N, RO = 4096, 4096, 64            # 16 MiB written at random, 256 KiB read-only
+PRIV_ANON, RW, R = 0x02 | 0x20, 3, 1
+a = libc.mmap(None, N * PS, RW, PRIV_ANON, -1, 0)
+b = libc.mmap(None, RO * PS, RW, PRIV_ANON, -1, 0)
+gen = [0] * N
+rgen = [0]
+lock = threading.Lock()
+go = threading.Event()
+
+def page(tag, i, g):
+    return (b"%s %d %d " % (tag, i, g)).ljust(64, b".") * (PS // 64)
+
+def put(addr, data):
+    ctypes.memmove(addr, data, len(data))
+
+for i in range(N):
+    put(a + i * PS, page(b"a", i, 0))
+put(b, b"".join(page(b"r", i, 0) for i in range(RO)))
+libc.mprotect(b, RO * PS, R)
+
+def writer():
+    rnd = random.Random(7)
+    while True:
+        go.wait()
+        with lock:
+            for _ in range(40):           # single pages all over the region
+                i = rnd.randrange(N)
+                gen[i] += 1
+                put(a + i * PS, page(b"a", i, gen[i]))
+            libc.mprotect(b, RO * PS, RW)  # read-only memory rewritten now and then
+            rgen[0] += 1
+            put(b, b"".join(page(b"r", i, rgen[0]) for i in range(RO)))
+            libc.mprotect(b, RO * PS, R)
+        time.sleep(0.002)
+
+threading.Thread(target=writer, daemon=True).start()
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "run":
+        go.set(); print("running", flush=True)
+    elif cmd == "pause":
+        go.clear()
+        with lock:
+            pass
+        print("paused", flush=True)
+    elif cmd == "check":
+        with lock:
+            bad = [i for i in range(N) if ctypes.string_at(a + i * PS, PS) != page(b"a", i, gen[i])]
+            bad += [N + i for i in range(RO)
+                    if ctypes.string_at(b + i * PS, PS) != page(b"r", i, rgen[0])]
+        print("good %d %d" % (sum(gen), rgen[0]) if not bad else "bad %s" % bad[:5], flush=True)
+'''
+
+
+def test_final_round_pages_scattered_and_read_only(hosts, key, tmp_path, reap):
+    """The target rewrites single pages all over its memory and a read-only
+    mapping (mprotect'ed writable for each rewrite) the whole time: the last
+    layers carry scattered pages and pages the destination cannot write with
+    process_vm_writev (no PROT_WRITE); the copy checks every page."""
+    src, dst = hosts
+    script = tmp_path / "scatter.py"
+    script.write_text(SCATTER_TARGET)
+    t = Target.start_in(src, [sys.executable, str(script)])
+    reap.append(t.pid)
+    assert t.cmd("run") == "running"
+    time.sleep(0.3)
+    srv = Server(dst, str(tmp_path / "dst"), t, key)
+    r = migrate(src, t.pid, srv.addr, key)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    res = srv.result()
+    assert res["ok"], res
+    reap.append(res["restored_pid"])
+    # the final layer carried pages (the writer never stops)
+    assert st["per_round"][-1]["pages"] > 0, st["per_round"]
+    assert all("predicted_ms" in x for x in st["per_round"])
+    copy = adopt(t, res["restored_pid"])
+    assert copy.cmd("pause") == "paused"
+    good = copy.cmd("check", timeout=30)
+    assert good.startswith("good"), good
+    assert int(good.split()[2]) > 0          # the read-only pages were rewritten
+    assert copy.cmd("run") == "running"

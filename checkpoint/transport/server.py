@@ -43,6 +43,27 @@ from .wire import PROTO_VERSION, T, Conn, is_loopback, server_handshake
 
 log = logging.getLogger("checkpoint.page-server")
 MAX_LAYERS = 100_000
+WARM_MIN, WARM_MAX = 4 << 20, 32 << 20     # bytes of a layer file written ahead
+
+
+def _warm_sink(images: str, index: int, last_size: int) -> LocalSink:
+    """The temporary file of layer ``index``, made ahead and filled with zeros
+    (twice the last layer's size, within [WARM_MIN, WARM_MAX]) that the
+    layer then overwrites from its start (its end is cut at END). Pages the
+    page cache has never held cost ~10 us each to get the first time on this
+    kind of VM (2.8 ms a MiB written, measured, against 0.2 ms for pages it
+    holds already): the final layer's bytes land in pages that exist, and
+    the downtime does not pay for them."""
+    sink = LocalSink(images, index)
+    try:
+        size = max(WARM_MIN, min(WARM_MAX, 2 * last_size))
+        zero = bytes(1 << 20)
+        for off in range(0, size, len(zero)):
+            os.pwrite(sink.fd, zero, off)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink
 
 
 def _make_dir(path: str) -> None:
@@ -261,6 +282,7 @@ class PageServer:
     def _receiver(self, conn: Conn, m: Migration, q: queue.Queue) -> None:
         parent = None
         index = 0
+        spare = None
         try:
             while True:
                 mtype, msg = conn.recv_json(T.LAYER, T.BYE, T.PING)
@@ -274,13 +296,19 @@ class PageServer:
                     raise TransportError(f"{conn.peer} announced layer {msg.get('index')}, "
                                          f"expected {index}")
                 t0 = time.perf_counter()
-                sink, layer = self._receive_layer(conn, m.images, index, parent)
+                sink, spare = spare, None
+                sink, layer = self._receive_layer(conn, m.images, index, parent, sink)
                 parent = (layer.layer_id, layer.header_digest)
                 final = layer.kind == F.KIND_DUMP
                 q.put(("layer", (index, sink, layer, t0)))
                 if not final:
                     conn.send(T.ACK, {"index": index})
                     index += 1
+                    # the next layer's file, its pages already in the page
+                    # cache: while the source runs its round, not in the
+                    # final round's downtime
+                    if layer.size <= WARM_MAX:   # (a big layer is not the last)
+                        spare = _warm_sink(m.images, index, layer.size)
                     continue
                 break
             # after the final layer: the source's DONE (it killed its process)
@@ -291,6 +319,9 @@ class PageServer:
                 q.put(("no-done", exc))
         except BaseException as exc:   # handed to the applying thread
             q.put(("error", exc))
+        finally:
+            if spare is not None:
+                spare.abort()
 
     def _apply_loop(self, conn: Conn, m: Migration, stager, q: queue.Queue) -> None:
         while True:
@@ -353,10 +384,11 @@ class PageServer:
                 pass
             return
 
-    def _receive_layer(self, conn: Conn, images: str, index: int, parent):
-        """Receive one layer into a temporary file and check it whole; returns
-        (the sink, still to be committed, and the parsed layer)."""
-        sink = LocalSink(images, index)
+    def _receive_layer(self, conn: Conn, images: str, index: int, parent, sink=None):
+        """Receive one layer into a temporary file (``sink``, or a new one) and
+        check it whole; returns (the sink, still to be committed, and the
+        parsed layer)."""
+        sink = sink if sink is not None else LocalSink(images, index)
         # a stream whose every message is authenticated needs no digest of
         # the layer (the END's byte count catches a short one); a plain one
         # must carry it
@@ -377,6 +409,7 @@ class PageServer:
             if not digest_ok or end.get("bytes") != sink._written:
                 raise TransportError(f"layer {index} arrived damaged or short "
                                      f"({sink._written} bytes; digest differs)")
+            os.ftruncate(sink.fd, sink._written)    # a warmed file: cut what it had beyond
             layer = Layer(sink.temp)
             try:
                 layer.check_frame_crcs()

@@ -13,7 +13,11 @@ pays no transfer at all: the baseline is generous to stop-the-world).
     .venv/bin/python tools/bench/bench_migrate.py --link 1gbit      # the veth shaped (tc tbf)
 
 Prints, per size: downtime, predicted downtime, total time, rounds, bytes
-sent / raw memory (medians), the stop-the-world downtime and the ratio.
+sent / raw memory (medians), the stop-the-world downtime and the ratio;
+then the final round's pages and its two shares of the downtime: the
+source's (frozen: pages read, compressed and sent, the rest of the state
+read) and the destination's (the final layer applied, the state set, the
+copy let run); the rest is the transfer's tail and checks in between.
 Goals (the issue): downtime <= 50 ms at 1 GiB, prediction within +-30% of
 the actual, bytes sent <= 0.6x the raw memory.
 """
@@ -51,6 +55,8 @@ def migrate_once(src, dst, mib: int, pct: float, work: str) -> dict:
         st = json.loads(m.stdout)
         res = json.loads(srv.stdout.readline())
         srv.wait(30)
+        # the final layer on the destination: from its arrival to the copy running
+        st["dest_final_ms"] = res["per_layer"][-1]["apply_ms"] if res.get("per_layer") else 0.0
         if res.get("restored_pid"):
             try:
                 os.kill(res["restored_pid"], 9)
@@ -108,7 +114,8 @@ def main() -> int:
               f"; workload rewrites {args.percent:g}% of its pages every 100 ms; "
               f"medians of {args.runs}")
         print(f"{'MiB':>5} {'downtime':>9} {'predicted':>9} {'error':>6} {'total':>8} "
-              f"{'rounds':>6} {'sent/raw':>8} {'stw':>8} {'ratio':>6}")
+              f"{'rounds':>6} {'sent/raw':>8} {'stw':>8} {'ratio':>6} | final round: "
+              f"{'pages':>6} {'source':>7} {'dest':>7}")
         for mib in args.mib:
             runs = [migrate_once(src, dst, mib, args.percent, work) for _ in range(args.runs)]
             if args.raw:
@@ -124,8 +131,15 @@ def main() -> int:
             rounds = median([r["rounds"] for r in runs])
             sent = median([r["bytes_sent"] / (mib << 20) for r in runs])
             base = median(stw)
+            # the downtime's parts: the source's frozen share (freeze, pages
+            # read, compressed and sent, the rest of the state), the
+            # destination's (final layer applied, state set, copy let run)
+            fpages = median([r["per_round"][-1]["pages"] for r in runs])
+            fsrc = median([r["frozen_ms"] for r in runs])
+            fdst = median([r["dest_final_ms"] for r in runs])
             print(f"{mib:5d} {down:7.1f}ms {pred:7.1f}ms {err * 100:+5.0f}% {total:6.0f}ms "
-                  f"{rounds:6.0f} {sent:8.2f} {base:6.0f}ms {down / base:6.3f}")
+                  f"{rounds:6.0f} {sent:8.2f} {base:6.0f}ms {down / base:6.3f} |              "
+                  f"{fpages:6.0f} {fsrc:5.1f}ms {fdst:5.1f}ms")
     finally:
         ctx.__exit__(None, None, None)
     return 0
