@@ -557,6 +557,7 @@ class _Builder:
         #: VMAs inherited from the restored parent and kept (begin), by start
         self.kept: dict[int, object] = {}
         self.parent_pid = 0   # a child of a tree: its parent's dumped PID
+        self.groups: set[int] = set()   # process groups the restore makes (a tree's)
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -638,6 +639,10 @@ class _Builder:
         if self.session is not None:
             self._what = "controlling terminal"
             session_obj.take_terminal(r, self.pid, self.session)
+            fg = rec["process"].tty_pgrp
+            if self.session.ctty and fg > 0 and fg != rec["pstree"].pgid and fg in self.groups:
+                self._what = f"foreground process group {fg} of its terminal"
+                session_obj.set_foreground(r, self.pid, self.session, fg)
         self._what = "interval timers"
         timer_obj.restore_itimers(r, rec["process"])
         # every page is written by now (also the stager's final layer)
@@ -1108,9 +1113,16 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
             who = f"process {n.pid}: " if len(nodes) > 1 else ""
             raise RestoreError(f"restoring {who}{b._what} failed: {exc}") from None
 
+    groups = {m.tree.pgid for m in nodes}
+
     def builder(n):
         b = _Builder(chain, n.rec, procs[n.pid], inherit if n is root else {}, restart_block)
         b.session = session if n is root else None
+        if n is not root and n.tree.sid == n.pid and n.rec["process"].tty_nr:
+            # a session leader of the tree with its controlling terminal
+            b.session = session_obj.Plan(setsid=True, ctty=n.rec["process"].tty_nr,
+                                         how=f"session leader {n.pid}")
+        b.groups = groups
         b.progress, b.engine_pids = progress, engine_pids
         b._what = "start"
         return b

@@ -52,7 +52,9 @@ def test_prefork_tree_dump_kill_restore(tmp_path, reaper):
     ch.send("orphan\n")   # worker 1 dies: its child's parent-death signal fires
     assert ch.expect("PDEATH") == f"PDEATH {int(signal.SIGUSR1)}"
     ch.send("quit\n")
-    statuses = dict(w.split(":") for w in ch.expect("EXIT").split()[1:])
+    words = ch.expect("EXIT").split()[1:]
+    assert words.pop() == "orphan:0"   # reparented to the restored subreaper, reaped by it
+    statuses = dict(w.split(":") for w in words)
     want = {str(workers[0]): str(signal.SIGKILL)}
     want.update({str(w): str(signal.SIGTERM) for w in workers[1:] + [session_kid]})
     want[str(zombie)] = str(7 << 8)
@@ -380,4 +382,46 @@ def test_hostile_tree_images_refused_before_anything_starts(tmp_path, reaper):
         with pytest.raises(ImageError, match=msg):
             restore(bad, inherit=stdio, inherit_stdio=False)
         assert not any(_alive(w) for w in workers), edit.__name__
+    ch.close()
+
+
+FG_JOB = """
+import fcntl, os, signal, sys, termios, time
+os.setsid()
+master, slave = os.openpty()
+fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+kid = os.fork()
+if kid == 0:
+    os.setpgid(0, 0)
+    while True:
+        time.sleep(1)
+os.setpgid(kid, kid)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+os.tcsetpgrp(slave, kid)          # a job in the foreground, as a shell does
+print("READY", kid, flush=True)
+for line in sys.stdin:
+    print("FG", os.tcgetpgrp(slave), os.getsid(kid), os.getpgid(kid), flush=True)
+"""
+
+
+def test_terminal_foreground_job_comes_back(tmp_path, reaper):
+    """A session leader with a controlling terminal whose foreground group
+    is a child's (a shell running a job): restored, the child's group has
+    the terminal again, not the leader's."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", FG_JOB])
+    reaper.append(p.pid)
+    kid = int(ch.expect("READY").split()[1])
+    reaper.append(kid)
+    assert ch.ask("fg", "FG") == f"FG {kid} {p.pid} {kid}"
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    assert ch.ask("fg", "FG") == f"FG {kid} {p.pid} {kid}"
+    r.kill()
+    r.wait(10)
     ch.close()

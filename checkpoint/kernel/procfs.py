@@ -263,6 +263,7 @@ class Stat:
     env_end: int
     exit_code: int
     exit_signal: int = 0  # field 38: the signal the parent gets at its exit
+    tpgid: int = 0        # field 8: the foreground group of its controlling terminal
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -286,7 +287,7 @@ def parse_stat(text: str) -> Stat:
         start_code=i(26), end_code=i(27), start_stack=i(28),
         start_data=i(45), end_data=i(46), start_brk=i(47), arg_start=i(48),
         arg_end=i(49), env_start=i(50), env_end=i(51), exit_code=i(52),
-        exit_signal=i(38),
+        exit_signal=i(38), tpgid=int(f[8]) if len(f) > 8 else 0,
     )
 
 

@@ -56,7 +56,7 @@ def dump_process(remote: Injector, vdso: dict) -> process_pb2.ProcessEntry:
     p = process_pb2.ProcessEntry(pid=pid, start_time=st.starttime, comm=st.comm,
                                  pgid=st.pgrp, sid=st.session, ppid=st.ppid,
                                  umask=ss.umask or 0, tty_nr=st.tty_nr,
-                                 exit_signal=st.exit_signal, **vdso)
+                                 exit_signal=st.exit_signal, tty_pgrp=st.tpgid, **vdso)
     try:
         p.exe_path = os.readlink(f"/proc/{pid}/exe")
         est = os.stat(f"/proc/{pid}/exe")

@@ -80,6 +80,26 @@ def take_terminal(r, engine_pid: int, plan: Plan) -> None:
                        "holds: it cannot be given back")
 
 
+TIOCSPGRP = 0x5410
+
+
+def set_foreground(r, engine_pid: int, plan: Plan, pgrp: int) -> None:
+    """The session leader gives its terminal back to the dumped foreground
+    group (a job of a restored shell), once every group exists."""
+    for name in sorted(os.listdir(f"/proc/{engine_pid}/fd"), key=int):
+        try:
+            st = os.stat(f"/proc/{engine_pid}/fd/{name}")
+        except OSError:
+            continue
+        if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == plan.ctty:
+            r.write(r.scratch, pgrp.to_bytes(4, "little"))
+            res = r.syscall("ioctl", int(name), TIOCSPGRP, r.scratch)
+            if res < 0:
+                raise RestoreError(f"session leader: cannot give its terminal to the "
+                                   f"foreground process group {pgrp}: {os.strerror(-res)}")
+            return
+
+
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 

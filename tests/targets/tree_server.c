@@ -7,6 +7,7 @@
  *   |   `- (worker 1) grandchild with PR_SET_PDEATHSIG = SIGUSR1
  *   |- a child in its own session (setsid)
  *   `- a zombie: exited with status 7, not reaped
+ * The parent is a child subreaper: the grandchild, orphaned, becomes its child.
  *
  * Commands:
  *   work K    K tokens into the work pipe; each worker adds the token to the
@@ -16,7 +17,8 @@
  *   orphan    kills worker 1: its grandchild gets SIGUSR1 (parent death) and
  *             prints "PDEATH <sig>"
  *   quit      SIGTERM to the workers and the session child, reaps every
- *             child and prints "EXIT <pid>:<status> ..." then exits
+ *             child and prints "EXIT <pid>:<status> ... orphan:<status>" (the
+ *             orphaned grandchild, reaped as the subreaper's) then exits
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -79,6 +81,9 @@ static void check(void) {
         if (getpgid(workers[i]) != workers[0]) snprintf(bad + strlen(bad), sizeof bad - strlen(bad), "worker %d in group %d; ", workers[i], getpgid(workers[i]));
         if (getsid(workers[i]) != getsid(0)) snprintf(bad + strlen(bad), sizeof bad - strlen(bad), "worker %d in session %d; ", workers[i], getsid(workers[i]));
     }
+    int sub = 0;
+    if (prctl(PR_GET_CHILD_SUBREAPER, &sub) != 0 || sub != 1)
+        snprintf(bad + strlen(bad), sizeof bad - strlen(bad), "not a subreaper; ");
     if (getpgid(0) == workers[0]) snprintf(bad + strlen(bad), sizeof bad - strlen(bad), "parent in the workers' group; ");
     if (getsid(session_kid) != session_kid) snprintf(bad + strlen(bad), sizeof bad - strlen(bad), "session child in session %d; ", getsid(session_kid));
     siginfo_t si;
@@ -94,6 +99,7 @@ int main(int argc, char **argv) {
     if (argc > 1) nworkers = atoi(argv[1]);
     if (nworkers < 1 || nworkers > MAXW) return 2;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
     counter = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (counter == MAP_FAILED || pipe(work) || pipe(result)) return 2;
     zombie = fork();
@@ -156,7 +162,9 @@ int main(int argc, char **argv) {
                 if (waitpid(all[i], &st, 0) != all[i]) st = -1;
                 printf(" %d:%d", all[i], st);
             }
-            printf("\n");
+            int st = 0;
+            pid_t o = waitpid(-1, &st, 0);   /* the orphan, a child of ours now */
+            printf(" orphan:%d\n", o > 0 ? st : -1);
             return 0;
         }
     }
