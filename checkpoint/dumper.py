@@ -409,7 +409,7 @@ class Checkpointer:
                 else:
                     recs = {p.pid: self._metadata(p, final) for p in procs}
                 vmas_of = {pid: r.pop("_vmas") for pid, r in recs.items()}
-                linked = tree_obj.link_tree(recs, tree, final=final)
+                linked = tree_obj.link_tree(recs, tree, final=final, external=self.external_fds)
                 check_stop()
                 regions: dict[int, Regions] = {}
                 if early:

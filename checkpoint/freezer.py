@@ -493,8 +493,49 @@ def _children_of(pid: int, tids) -> list[int]:
     return sorted(out)
 
 
+KCMP_VM = 1
+
+
+def _same_mm(a: int, b: int) -> bool:
+    from .kernel.syscalls import NR, raw_syscall
+    try:
+        return raw_syscall(NR["kcmp"], a, b, KCMP_VM, 0, 0) == 0
+    except OSError:
+        return False
+
+
 def freeze_tree(root: int, timeout: float = DEFAULT_TIMEOUT,
                 max_procs: int = 4096) -> FrozenTree:
+    """Freeze the tree (``_freeze_tree``). A process still sharing its
+    parent's memory (a vfork child that has not called exec yet: gcc, make
+    and posix_spawn work that way) cannot be restored as a tree of its own
+    address spaces; the tree is thawed and frozen again a moment later,
+    when the child has called exec, for up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tree = _freeze_tree(root, timeout, max_procs)
+        by_pid = tree.by_pid
+        shared = [p.pid for p in tree.procs[1:]
+                  if (par := _ppid(p.pid)) in by_pid and _same_mm(p.pid, par)]
+        if not shared:
+            return tree
+        tree.thaw()
+        if time.monotonic() > deadline:
+            raise FreezeError(f"process {shared[0]} shares its parent's memory (a vfork child "
+                              "that has not called exec, or CLONE_VM): not supported", shared[0])
+        check_stop()
+        time.sleep(0.002)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return procfs.read_stat(pid).ppid
+    except CheckpointError:
+        return 0
+
+
+def _freeze_tree(root: int, timeout: float = DEFAULT_TIMEOUT,
+                 max_procs: int = 4096) -> FrozenTree:
     """Freeze ``root`` and all its descendants. A process forking while the
     tree is frozen has its new child found and frozen too: the tree is
     listed again until a pass finds nothing new (a frozen process cannot

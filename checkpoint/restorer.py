@@ -558,6 +558,10 @@ class _Builder:
         self.kept: dict[int, object] = {}
         self.parent_pid = 0   # a child of a tree: its parent's dumped PID
         self.groups: set[int] = set()   # process groups the restore makes (a tree's)
+        #: ends of unix socketpairs made here for later processes: socket inode ->
+        #: (maker's dumped PID, fd in it), shared by the tree's builders
+        self.unix_spares: dict[int, tuple[int, int]] = {}
+        self.spare_fds: list[int] = []   # those fds of this process, closed at the end
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -629,11 +633,16 @@ class _Builder:
         self._what = "signal dispositions"
         self._sigactions(r)
         self._what = "files shared with other processes of the tree"
-        links = pull_tree_fds(r, rec["files"])  # before the dumped credentials
+        # before the dumped credentials
+        links = pull_tree_fds(r, rec["files"], self.unix_spares)
         self._what = "files"
+        made: dict[int, int] = {}
         with privs.as_dumped():
             restore_files(r, rec["files"], inherit=self.inherit, privs=privs,
-                          premade=self.premade, tree_links=links)
+                          premade=self.premade, tree_links=links, unix_spares=made)
+        for inode, fd in made.items():   # ends of pairs a later process takes
+            self.unix_spares[inode] = (rec["pstree"].pid, fd)
+            self.spare_fds.append(fd)
         self._what = "process attributes"
         self._process_attrs(r)
         if self.session is not None:
@@ -1114,6 +1123,7 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
             raise RestoreError(f"restoring {who}{b._what} failed: {exc}") from None
 
     groups = {m.tree.pgid for m in nodes}
+    spares: dict[int, tuple[int, int]] = {}
 
     def builder(n):
         b = _Builder(chain, n.rec, procs[n.pid], inherit if n is root else {}, restart_block)
@@ -1123,6 +1133,7 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
             b.session = session_obj.Plan(setsid=True, ctty=n.rec["process"].tty_nr,
                                          how=f"session leader {n.pid}")
         b.groups = groups
+        b.unix_spares = spares
         b.progress, b.engine_pids = progress, engine_pids
         b._what = "start"
         return b
@@ -1166,6 +1177,13 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
             step(n, b, lambda: b.finish(r))
         step(n, b, b.check_applied)
         pages += b.pages
+    # 4. the ends of socketpairs kept for later processes: taken by now
+    for n in nodes:
+        b = builders.get(n.pid)
+        if b is not None and b.spare_fds:
+            with Injector(procs[n.pid], procs[n.pid].pid, safe=False) as r:
+                for fd in b.spare_fds:
+                    r.syscall("close", fd)
     return pages
 
 

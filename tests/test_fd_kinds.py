@@ -224,7 +224,13 @@ def test_tty_stand_in_gets_the_settings_keeps_its_size(run):
 
 REFUSED = {
     # state-table kind name -> [(target kind, what the line says)]
-    "sockets": [("socket", "a socket")],
+    "unix sockets with a name, listening, or connected outside the dumped processes": [
+        ("socket", "a unix socket"), ("unix-bound", "a unix socket"),
+        ("unix-outside", "a unix socket")],
+    "file descriptors in flight (SCM_RIGHTS queued, not yet received)": [
+        ("scm-rights", "a unix socket")],
+    "unread data on a socket with SO_PASSCRED": [("passcred", "a unix socket")],
+    "TCP, UDP, netlink, packet sockets": [("tcp", "a socket")],
     "fanotify, pidfd, io_uring, userfaultfd, other devices": [
         ("pidfd", "a pidfd"), ("fanotify", "a fanotify instance"),
         ("io_uring", "an io_uring instance"), ("userfaultfd", "a userfaultfd"),

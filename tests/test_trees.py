@@ -425,3 +425,119 @@ def test_terminal_foreground_job_comes_back(tmp_path, reaper):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+SOCKPAIRS = r"""
+import os, socket, sys
+# a stream pair between parent and child, a datagram pair, a seqpacket pair
+# in the parent alone; unread data queued in both directions; one end shut
+ps, cs = socket.socketpair()
+pd, cd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+kid = os.fork()
+if kid == 0:
+    ps.close(); pd.close()
+    cs.sendall(b"from child, unread")        # queued for the parent
+    for line in iter(lambda: cs.recv(100), b""):
+        if line.endswith(b"ping"):            # (after the parent's unread "x")
+            cs.sendall(b"pong:" + cd.recv(100) + b"," + cd.recv(100))
+    os._exit(0)
+cs.close(); cd.close()
+ps.sendall(b"x")                              # unread by the child
+pd.send(b"one"); pd.send(b"two")              # two datagrams the child has not read
+q1.send(b"m1"); q1.send(b"m2"); q2.shutdown(socket.SHUT_WR)
+ps.setblocking(False)
+import time; time.sleep(0.2)
+print("READY", kid, flush=True)
+for cmd in sys.stdin:
+    got = []
+    ps.setblocking(True)
+    got.append(ps.recv(100))                   # the child's unread data
+    got.append(q2.recv(10)); got.append(q2.recv(10))
+    got.append(q1.recv(10))                    # EOF: q2 shut its sending side
+    ps.sendall(b"ping")
+    got.append(ps.recv(100))
+    print("GOT", repr(got), ps.getblocking(), flush=True)
+    break
+"""
+
+
+def test_unix_socketpairs_across_the_tree(tmp_path, reaper):
+    """Unix socketpairs (stream between a parent and its child, datagram,
+    seqpacket in one process) with unread data in both directions and a
+    shut end: restored, every byte and message is there once, the EOF is
+    there, and the pair still talks both ways."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", SOCKPAIRS])
+    reaper.append(p.pid)
+    kid = int(ch.expect("READY").split()[1])
+    reaper.append(kid)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        st = ck.dump()
+    p.wait(10)
+    assert len(st.processes) == 2
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    want = [b"from child, unread", b"m1", b"m2", b"", b"pong:one,two"]
+    assert ch.ask("go", "GOT") == f"GOT {want!r} True"
+    r.kill()
+    r.wait(10)
+    ch.close()
+
+
+ASYNCIO = r"""
+import asyncio, sys
+
+async def main():
+    loop = asyncio.get_running_loop()
+    q = asyncio.Queue()
+    loop.add_reader(0, lambda: q.put_nowait(sys.stdin.readline()))
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(tick())
+    print("READY", flush=True)
+    while True:
+        line = await q.get()
+        if not line:
+            return
+        # call_soon_threadsafe writes to the loop's self-pipe (a socketpair)
+        fut = loop.create_future()
+        import threading
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(fut.set_result, 1)).start()
+        await fut
+        print("TICKS", ticks, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_asyncio_program_with_its_self_pipe(tmp_path, reaper):
+    """An asyncio event loop holds a socketpair (its self-pipe, woken by
+    call_soon_threadsafe from another thread): dumped and restored, the loop
+    goes on and is woken through it."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", ASYNCIO])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    first = int(ch.ask("t", "TICKS").split()[1])
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    import time
+    time.sleep(0.2)
+    assert int(ch.ask("t", "TICKS").split()[1]) > first
+    r.kill()
+    r.wait(10)
+    ch.close()

@@ -72,7 +72,8 @@ def shared_object(v) -> bool:
         v.status & mm_obj.VMA_DELETED) or v.path.startswith("/memfd:"))
 
 
-def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[int, set[int]]:
+def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool,
+              external: bool = False) -> dict[int, set[int]]:
     """Fill in the links between the processes' records (module docstring);
     returns, by PID, the starts of the VMAs whose pages another process's
     records carry."""
@@ -86,6 +87,8 @@ def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[i
         if parent is not None:
             t.parent_tid = _forker(parent.pid, parent.tids, p.pid)
     skip: dict[int, set[int]] = {}
+    if final:
+        _link_unix(recs, [p.pid for p in procs], external)
     if len(procs) == 1:
         return skip
     # shared memory: the first VMA of each object, in tree order
@@ -128,6 +131,38 @@ def link_tree(recs: dict[int, dict], tree: FrozenTree, *, final: bool) -> dict[i
         for key, e in mine:
             seen.setdefault(key, []).append((p.pid, e))
     return skip
+
+
+def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
+    """Unix socketpairs: which process makes each pair (the first in the
+    tree's order holding either end; an fd sharing its description with an
+    earlier process's fd is taken from it by the file links instead), and a
+    pair with an end outside the dumped processes refused by name."""
+    ends: dict[int, tuple[int, object]] = {}   # socket inode -> (pid, first entry)
+    for pid in order:
+        for e in recs[pid]["files"].fds:
+            if e.type == files_pb2.FD_UNIX_SOCKET and not e.HasField("dup_of"):
+                ends.setdefault(e.unix.inode, (pid, e))
+    rank = {pid: i for i, pid in enumerate(order)}
+    for inode, (pid, e) in ends.items():
+        got = ends.get(e.unix.peer)
+        if got is None:
+            from .fds.base import refuse
+            holders = [x for x in recs[pid]["files"].fds if x.type == files_pb2.FD_UNIX_SOCKET
+                       and x.unix.inode == inode]
+            for x in holders:
+                x.ClearField("unix")
+                refuse(x, "socket", "a unix socket", "unix sockets connected outside the "
+                       "dumped processes", external,
+                       f" of process {pid}, connected to one outside the dumped processes")
+            continue
+        qpid, q = got
+        if rank[qpid] < rank[pid]:
+            e.unix.maker = qpid
+            del e.unix.queue[:]     # the maker sends it
+        elif qpid != pid:
+            e.unix.peer_state.CopyFrom(q.unix)
+            e.unix.peer_state.ClearField("peer_state")
 
 
 def _mark_closed_pipes(recs: dict[int, dict]) -> None:
@@ -255,6 +290,13 @@ def check_tree(nodes: list[Node], path: str) -> None:
                         "out of order or outside its private VMAs")
                 last = e
         for e in n.rec["files"].fds:
+            if e.type == files_pb2.FD_UNIX_SOCKET and e.unix.maker:
+                j = index.get(e.unix.maker)
+                if j is None or j >= i or nodes[j].zombie or not any(
+                        f.type == files_pb2.FD_UNIX_SOCKET and f.unix.inode == e.unix.peer
+                        for f in nodes[j].rec["files"].fds):
+                    bad(f"fd {e.fd} of {n.pid}: its unix socket's maker {e.unix.maker} is "
+                        "not an earlier process holding its peer")
             if not e.HasField("tree_pid"):
                 continue
             j = index.get(e.tree_pid)

@@ -125,7 +125,10 @@ elif kind == "memfd":
 
 # -- inherit: a socket left to the restore side, O_NONBLOCK on it
 elif kind == "inherit":
-    a, b = socket.socketpair()
+    # sockets the dump refuses (bound to a name; socketpairs are restored)
+    a, b = (socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2))
+    a.bind(f"\0ck-inherit-{os.getpid()}-a")
+    b.bind(f"\0ck-inherit-{os.getpid()}-b")
     a.setblocking(False)
     keep.extend([a, b])
     app = os.open(os.path.join(d, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -244,8 +247,42 @@ elif kind == "tty-inherit":
         expect(ws[:2] == (24, 80), f"window size {ws}")
 
 # -- what the dump refuses: set up only
-elif kind == "socket":
+elif kind == "socket":      # a unix socket, not connected
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    keep.append(s)
+    info["fd"] = s.fileno()
+elif kind == "unix-bound":  # bound to an (abstract) name
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(f"\0ck-bound-{os.getpid()}")
+    keep.append(s)
+    info["fd"] = s.fileno()
+elif kind == "unix-outside":  # a pair whose other end a process outside the tree holds
+    a, b = socket.socketpair()
+    if os.fork() == 0:
+        a.close()
+        if os.fork() == 0:   # reparented once its parent exits: no longer in the tree
+            while b.recv(100):
+                pass
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+    b.close()
+    keep.append(a)
+    info["fd"] = a.fileno()
+elif kind == "scm-rights":  # an fd in flight in the queue
+    a, b = socket.socketpair()
+    b.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                        struct.pack("i", sys.stdin.fileno()))])
+    keep.extend([a, b])
+    info["fd"] = a.fileno()
+elif kind == "passcred":    # unread data whose sender's credentials go with it
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    b.send(b"x")
+    keep.extend([a, b])
+    info["fd"] = a.fileno()
+elif kind == "tcp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     keep.append(s)
     info["fd"] = s.fileno()
 elif kind == "pidfd":

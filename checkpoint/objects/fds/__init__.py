@@ -38,7 +38,7 @@ from ...images.pb import files_pb2
 from ...inject import Injector
 from ...kernel import procfs
 from . import (devnull, epoll, eventfd, inotify, locks, memfd, pipe, procfile, refused,
-               regfile, signalfd, timerfd, tty)
+               regfile, signalfd, timerfd, tty, unixsk)
 from .base import (CHECKS, MAX_CONTENT, DumpCtx, FdEntry, FdKind, FilesEntry, Item, Probe,
                    RestoreCore, fd_keys, link_kind, open_path, opt)  # noqa: F401
 from .fs import dump_fs, restore_fs
@@ -59,6 +59,7 @@ KINDS: tuple[FdKind, ...] = (
     epoll.KIND,
     timerfd.KIND,
     inotify.KIND,
+    unixsk.KIND,        # sockets: unix socketpairs; the others refused by name
     refused.KIND,       # last: whatever no kind claimed
 )
 LOCKS = locks.KIND      # not a kind of fd: the locks any fd holds
@@ -145,7 +146,8 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
                   inherit: dict[str, int] | None = None, ghost_dir: str = "/tmp",
                   keep: Iterable[int] = (), privs=None,
                   premade: dict[tuple[int, int], int] | None = None,
-                  tree_links: dict[int, int] | None = None) -> None:
+                  tree_links: dict[int, int] | None = None,
+                  unix_spares: dict[int, int] | None = None) -> None:
     """Give the frozen placeholder behind ``remote`` the fd table, cwd, root and
     umask of ``entry``.
 
@@ -175,32 +177,45 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
     r = _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep), privs)
     r.premade = dict(premade or {})
     r.tree_links = dict(tree_links or {})
+    r.unix_spares = unix_spares if unix_spares is not None else {}
     r.run()
 
 
-def pull_tree_fds(remote: Injector, entry: FilesEntry) -> dict[int, int]:
+def pull_tree_fds(remote: Injector, entry: FilesEntry,
+                  spares: dict[int, tuple[int, int]] | None = None) -> dict[int, int]:
     """The open file descriptions of ``entry`` that an earlier process of
     the tree holds (FdEntry.tree_pid/tree_fd), copied into the placeholder
     from that process with pidfd_getfd (by the placeholder itself, before
     it takes the dumped credentials: the earlier process is already
     restored and may be another user). PIDs are as the restored processes
-    see them (the dumped ones). Returns fd -> the copy in the placeholder."""
+    see them (the dumped ones). A unix socket an earlier process made
+    (UnixSocket.maker) is taken from where ``spares`` (socket inode ->
+    (maker, fd)) says it waits. Returns fd -> the copy in the placeholder."""
     out: dict[int, int] = {}
     pidfds: dict[int, int] = {}
     try:
         for e in entry.fds:
-            if not e.HasField("tree_pid"):
+            if e.HasField("tree_pid"):
+                src_pid, src_fd = e.tree_pid, e.tree_fd
+            elif e.type == files_pb2.FD_UNIX_SOCKET and e.unix.maker and \
+                    not e.HasField("dup_of"):
+                got = (spares or {}).get(e.unix.inode)
+                if got is None:
+                    raise RestoreError(f"fd {e.fd} ({e.path}): the unix socket process "
+                                       f"{e.unix.maker} was to make is not there")
+                src_pid, src_fd = got
+            else:
                 continue
-            if e.tree_pid not in pidfds:
-                res = remote.syscall("pidfd_open", e.tree_pid, 0)
+            if src_pid not in pidfds:
+                res = remote.syscall("pidfd_open", src_pid, 0)
                 if res < 0:
                     raise RestoreError(f"fd {e.fd} ({e.path}): pidfd_open of process "
-                                       f"{e.tree_pid}: {os.strerror(-res)}")
-                pidfds[e.tree_pid] = res
-            res = remote.syscall("pidfd_getfd", pidfds[e.tree_pid], e.tree_fd, 0)
+                                       f"{src_pid}: {os.strerror(-res)}")
+                pidfds[src_pid] = res
+            res = remote.syscall("pidfd_getfd", pidfds[src_pid], src_fd, 0)
             if res < 0:
-                raise RestoreError(f"fd {e.fd} ({e.path}): taking fd {e.tree_fd} of process "
-                                   f"{e.tree_pid}: {os.strerror(-res)}")
+                raise RestoreError(f"fd {e.fd} ({e.path}): taking fd {src_fd} of process "
+                                   f"{src_pid}: {os.strerror(-res)}")
             out[e.fd] = res
     except BaseException:
         for fd in out.values():
@@ -231,6 +246,7 @@ def premake_memfds(remote: Injector, entry: FilesEntry,
 class _Restorer(RestoreCore):
     premade: dict[tuple[int, int], int]
     tree_links: dict[int, int] = {}
+    unix_spares: dict[int, int] = {}
 
     def run(self) -> None:
         self.preflight()
@@ -289,6 +305,10 @@ class _Restorer(RestoreCore):
         open never waits for a peer), with the dumped flags and offset."""
         src = self.tree_links[it.fd]
         src = self.moved.get(src, src)
+        if it.e.type == files_pb2.FD_UNIX_SOCKET and not it.e.HasField("tree_pid"):
+            self.setfl(src, it)   # its end of a pair an earlier process made
+            self.place(src, it)
+            return
         if it.e.tree_same_description:
             self.place(src, it)
             return

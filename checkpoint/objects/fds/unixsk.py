@@ -1,0 +1,238 @@
+"""Unix socketpairs: connected unix sockets without a name (socketpair(2):
+Python's multiprocessing duplex pipes, asyncio's self-pipe, a parent and
+its workers), stream, datagram or seqpacket, both ends in the dumped
+processes (CRIU's sk-unix.c does all unix sockets; the others are refused
+by name here, for now).
+
+dump: sock_diag (kernel/sockdiag.py) says what the socket is connected to
+and its shutdown state; the unread data is peeked from the engine's own copy
+of the socket (pidfd_getfd) with SO_PEEK_OFF, message by message, never
+consumed; buffer sizes, SO_PASSCRED, SO_PEEK_OFF and the timeouts by
+getsockopt. The tree (objects/pstree.py) decides which process makes the
+pair: the first in the tree's order holding either end; the other end's
+state goes into its entry (``peer_state``), and a later holder's entry
+names the maker.
+
+restore: the maker calls socketpair, sets both ends' options, sends each
+end's unread data again from its peer, then applies the shutdowns; an end a
+later process holds stays open in the maker (a spare, closed once the tree
+is built) until that process takes it (pidfd_getfd).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from ...errors import UnsupportedObject
+from ...images.pb import files_pb2
+from ...kernel import sockdiag
+from .base import DumpCtx, FdKind, Item, Probe, RestoreCore, refuse
+
+SO_DOMAIN, SO_PEEK_OFF, SO_PASSCRED = 39, 42, 16
+SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
+SO_RCVTIMEO, SO_SNDTIMEO = 20, 21
+TCP_ESTABLISHED = 1
+TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
+         socket.SOCK_SEQPACKET: "seqpacket"}
+MAX_MESSAGE = 1 << 20
+TIMEVAL = struct.Struct("=qq")
+SEND_SHUTDOWN, RCV_SHUTDOWN = 2, 1
+
+
+def claims(p: Probe) -> bool:
+    return p.kind == "socket"
+
+
+def _diag(ctx: DumpCtx) -> dict:
+    cache = getattr(ctx, "_unix_diag", None)
+    if cache is None:
+        cache = ctx._unix_diag = sockdiag.unix_sockets()
+    return cache
+
+
+def dump(ctx: DumpCtx, p: Probe):
+    from . import refused
+    e = p.e
+    fd = ctx.getfd(p.fd)
+    s = socket.socket(fileno=fd)
+    try:
+        if s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN) != socket.AF_UNIX:
+            return refused.dump(ctx, p)
+        info = _diag(ctx).get(p.st.st_ino)
+        why = _unsupported(info, _diag(ctx))
+        if why:
+            return refuse(e, "socket", "a unix socket", "unix sockets that are not an unnamed "
+                          "connected pair", ctx.external, f", {why}")
+        e.type = files_pb2.FD_UNIX_SOCKET
+        u = e.unix
+        u.type, u.inode, u.peer, u.shutdown = info.type, info.inode, info.peer, info.shutdown
+        u.rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        u.sndbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        u.passcred = bool(s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED))
+        u.peek_off = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        u.rcvtimeo_us = _timeo(s, SO_RCVTIMEO)
+        u.sndtimeo_us = _timeo(s, SO_SNDTIMEO)
+        try:
+            queue = _peek_queue(s, info, p, ctx.max_content)
+        except _InFlight:
+            e.ClearField("unix")
+            return refuse(e, "socket", "a unix socket", "unix sockets with file descriptors "
+                          "in flight", ctx.external, ", with file descriptors in flight in its "
+                          "receive queue (SCM_RIGHTS not received yet)")
+        if queue and u.passcred:
+            e.ClearField("unix")
+            return refuse(e, "socket", "a unix socket", "the senders' credentials of unread "
+                          "messages", ctx.external, ", with unread data and SO_PASSCRED")
+        u.queue.extend(queue)
+    finally:
+        s.close()
+    return e
+
+
+def _unsupported(info, diag) -> str:
+    if info is None:
+        return "which sock_diag does not show (another network namespace?)"
+    if info.type not in TYPES:
+        return f"of type {info.type}"
+    if info.name:
+        return "bound to a name"
+    if info.state != TCP_ESTABLISHED or not info.peer:
+        return "listening" if info.state == 10 else "not connected"
+    peer = diag.get(info.peer)
+    if peer is None or peer.name or peer.peer != info.inode:
+        return "connected to a named socket (a server's)"
+    return ""
+
+
+class _InFlight(Exception):
+    pass
+
+
+def _timeo(s: socket.socket, opt: int) -> int:
+    sec, usec = TIMEVAL.unpack(s.getsockopt(socket.SOL_SOCKET, opt, TIMEVAL.size))
+    return sec * 1_000_000 + usec
+
+
+def _peek_queue(s: socket.socket, info, p: Probe, cap: int) -> list[bytes]:
+    """The receive queue, peeked message by message (SO_PEEK_OFF moves past
+    what each peek returned); the socket's own peek offset is put back."""
+    old = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    out: list[bytes] = []
+    total = 0
+    stream = info.type == socket.SOCK_STREAM
+    s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        for _ in range(1 << 20):
+            try:
+                data, anc, flags, _ = s.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(253 * 4),
+                                                socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if anc:
+                for level, typ, cdata in anc:
+                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                        for fd in struct.unpack(f"{len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]):
+                            os.close(fd)
+                raise _InFlight()
+            if flags & socket.MSG_TRUNC:
+                raise UnsupportedObject(f"fd {p.fd} ({p.link}): a queued message is larger "
+                                        f"than {MAX_MESSAGE} bytes")
+            if not data and (stream or info.shutdown & RCV_SHUTDOWN):
+                break   # end of file: the peer shut its side (and the queue is read)
+            out.append(data)
+            total += len(data)
+            if total > cap:
+                raise UnsupportedObject(f"fd {p.fd} ({p.link}) holds more than {cap} unread "
+                                        "bytes, more than a socket may put in the image")
+    finally:
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
+    return [b"".join(out)] if stream and out else out
+
+
+# --------------------------------------------------------------------------
+# restore
+
+
+def restore(R: RestoreCore, it: Item) -> None:
+    u = it.e.unix
+    if u.maker:   # the other process made it: taken with the tree's links
+        raise R.fail(it, f"a unix socket made by process {u.maker} was not taken from it")
+    peer_item = next((o for o in R.items if o.e.type == files_pb2.FD_UNIX_SOCKET
+                      and o.e.unix.inode == u.peer and o.dup_of is None), None)
+    peer = peer_item.e.unix if peer_item is not None else u.peer_state
+    if peer is None or peer.inode != u.peer:
+        raise R.fail(it, "the peer of this unix socket is in no entry")
+    addr = R.r.scratch
+    R.call("socketpair", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, addr, it=it)
+    a, b = struct.unpack("ii", R.r.read(addr, 8))
+    a, b = R.fresh(a), R.fresh(b)
+    ca, cb = R.own_copy(a), R.own_copy(b)
+    try:
+        sa, sb = socket.socket(fileno=ca), socket.socket(fileno=cb)
+        try:
+            for s, st in ((sa, u), (sb, peer)):
+                _options(R, it, s, st)
+            # each end's unread data, sent again from its peer; then the shutdowns
+            for dst, src in ((u, sb), (peer, sa)):
+                for msg in dst.queue:
+                    _send_all(R, it, src, msg, dst.type)
+            for s, st in ((sa, u), (sb, peer)):
+                if st.shutdown & SEND_SHUTDOWN:
+                    s.shutdown(socket.SHUT_WR)
+                elif st.shutdown & RCV_SHUTDOWN and not _peer_sends_shut(st, u, peer):
+                    s.shutdown(socket.SHUT_RD)
+        finally:
+            sa.close()
+            sb.close()
+    except OSError as exc:
+        raise R.fail(it, f"restoring the socket pair: {exc.strerror or exc}") from None
+    R.setfl(a, it)
+    R.place(a, it)
+    if peer_item is not None:
+        R.setfl(b, peer_item)
+        R.place(b, peer_item)
+    else:
+        R.unix_spares[u.peer] = b   # a later process takes it; kept open until then
+        R.keep.add(b)
+
+
+def _peer_sends_shut(st, u, peer) -> bool:
+    other = peer if st is u else u
+    return bool(other.shutdown & SEND_SHUTDOWN)
+
+
+def _options(R, it, s: socket.socket, st) -> None:
+    # getsockopt gives twice what setsockopt took (the kernel's bookkeeping)
+    if st.rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, st.rcvbuf // 2)
+    if st.sndbuf:
+        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, st.sndbuf // 2)
+    if st.passcred:
+        s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
+    if st.peek_off >= 0:
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, st.peek_off)
+    for opt, us in ((SO_RCVTIMEO, st.rcvtimeo_us), (SO_SNDTIMEO, st.sndtimeo_us)):
+        if us:
+            s.setsockopt(socket.SOL_SOCKET, opt, TIMEVAL.pack(*divmod(us, 1_000_000)))
+
+
+def _send_all(R, it, s: socket.socket, msg: bytes, stype: int) -> None:
+    try:
+        if stype != socket.SOCK_STREAM:
+            s.send(msg, socket.MSG_DONTWAIT)
+            return
+        view = memoryview(msg)
+        while view:
+            view = view[s.send(view, socket.MSG_DONTWAIT):]
+    except BlockingIOError:
+        raise R.fail(it, f"the socket took only part of its {len(msg)} saved bytes") from None
+    except OSError as exc:
+        if exc.errno == errno.EMSGSIZE:
+            raise R.fail(it, "a saved message is larger than the socket takes") from None
+        raise
+
+
+KIND = FdKind("unix socketpair", (files_pb2.FD_UNIX_SOCKET,), claims, dump, restore)
