@@ -243,8 +243,7 @@ def test_make_j2_checkpointed_mid_build(tmp_path, reaper):
     import shutil
     import subprocess
     import time
-    if shutil.which("make") is None or shutil.which("cc") is None:
-        pytest.skip("make and cc are needed (tools/test installs them)")
+    assert shutil.which("make") and shutil.which("cc"), "tools/setup installs make and cc"
     ref, work = tmp_path / "ref", tmp_path / "work"
     _c_project(ref)
     _c_project(work)
@@ -377,6 +376,19 @@ def test_hostile_tree_images_refused_before_anything_starts(tmp_path, reaper):
     with Checkpointer(p.pid, tmp_path / "img") as ck:
         ck.dump()
     p.wait(10)
+    # show prints the tree, the root first, the zombie with its status
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "checkpoint", "show", "-D",
+                          str(tmp_path / "img"), "--json"], capture_output=True, text=True)
+    procs = json.loads(out.stdout)["processes"]
+    assert procs[0]["pid"] == p.pid and procs[0]["ppid"] == os.getpid()
+    assert {q["pid"]: q["state"] for q in procs}[zombie] == "zombie"
+    assert {q["pid"] for q in procs} >= set(workers) | {session_kid, zombie}
+    text = subprocess.run([sys.executable, "-m", "checkpoint", "show", "-D",
+                           str(tmp_path / "img"), "--tree"], capture_output=True, text=True)
+    assert f"{zombie}" in text.stdout and "Z(0x700)" in text.stdout
     for i, (edit, msg) in enumerate(_edits()):
         bad = edited_copy(tmp_path / "img", tmp_path / f"bad{i}", edit)
         with pytest.raises(ImageError, match=msg):
