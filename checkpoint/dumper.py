@@ -462,7 +462,7 @@ class Checkpointer:
                         mem_ms += self._write_pages(
                             writer, p.pid, regions[p.pid], progress,
                             lost=None if final else lost.setdefault(p.pid, []), thaw=held,
-                            no_pin=len(procs) > 1 and (not final or leave_running))
+                            no_pin=len(procs) > 1)
                 if not final:
                     if tree.threads:
                         thaw()
@@ -751,7 +751,9 @@ class Checkpointer:
         only: process_vm_readv pins the pages it reads, and the kernel
         unshares (copies) a page still shared copy-on-write with another
         process when it is pinned, so a process tree left running would
-        lose its sharing (measured: 8 MiB read, 8 MiB unshared)."""
+        lose its sharing (measured: 8 MiB read, 8 MiB unshared), and even a
+        final dump would copy every shared page inside the freeze (a 512
+        MiB parent of 8 workers: 1.75 s of reads against 0.2 s)."""
         try:
             fd = procfs.open_proc_fd(pid, "mem")
         except NoSuchProcess:
