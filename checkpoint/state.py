@@ -149,8 +149,13 @@ KINDS: tuple[Kind, ...] = (
          RESTORED, "objects/fds/unixsk.py",
          note="unread data both ways (peeked), shutdown state, buffer sizes, SO_PASSCRED, "
               "SO_PEEK_OFF, timeouts; made by the first holder, taken by the others"),
-    Kind("files", "unix sockets with a name, listening, or connected outside the dumped "
-         "processes", REFUSED, "objects/fds/unixsk.py", option="--external-fds",
+    Kind("files", "unix sockets on their own: new, bound to a path or an abstract name, "
+         "listening", RESTORED, "objects/fds/unixsk.py",
+         note="bound again (the dumped socket file, if no live socket holds it, replaced; "
+              "its mode and owner given back), listen with the backlog, options"),
+    Kind("files", "unix sockets connected to a named socket or outside the dumped processes, "
+         "listeners with connections waiting, bound sockets with unread data", REFUSED,
+         "objects/fds/unixsk.py", option="--external-fds",
          note="left to the restore side (--inherit-fd)"),
     Kind("files", "file descriptors in flight (SCM_RIGHTS queued, not yet received)",
          REFUSED, "objects/fds/unixsk.py"),

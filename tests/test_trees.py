@@ -553,3 +553,52 @@ def test_asyncio_program_with_its_self_pipe(tmp_path, reaper):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+UNIX_SERVER = r"""
+import os, socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+os.chmod(path, 0o640)
+srv.listen(7)
+abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+abstract.bind("\0ck-tree-test-" + str(os.getpid()))
+fresh = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # never bound
+print("READY", flush=True)
+for line in sys.stdin:
+    conn, _ = srv.accept()
+    conn.sendall(b"hello " + conn.recv(100))
+    conn.close()
+    print("SERVED", oct(os.stat(path).st_mode & 0o777), repr(abstract.getsockname()),
+          repr(fresh.getsockname()), flush=True)
+"""
+
+
+def test_unix_server_listening(tmp_path, reaper):
+    """A unix server listening on a path (mode 0640), an abstract datagram
+    socket and a fresh unbound one: restored, the path is bound again with
+    its mode and a client connecting then is served."""
+    import sys
+    path = str(tmp_path / "srv.sock")
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", UNIX_SERVER, path])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    ch.send("serve\n")
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(path)
+        c.sendall(b"client")
+        assert c.recv(100) == b"hello client"
+    line = ch.expect("SERVED")
+    assert line == f"SERVED 0o640 b'\\x00ck-tree-test-{p.pid}' ''"
+    r.kill()
+    r.wait(10)
+    ch.close()

@@ -141,7 +141,8 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
     ends: dict[int, tuple[int, object]] = {}   # socket inode -> (pid, first entry)
     for pid in order:
         for e in recs[pid]["files"].fds:
-            if e.type == files_pb2.FD_UNIX_SOCKET and not e.HasField("dup_of"):
+            if e.type == files_pb2.FD_UNIX_SOCKET and not e.HasField("dup_of") \
+                    and not e.unix.single:
                 ends.setdefault(e.unix.inode, (pid, e))
     rank = {pid: i for i, pid in enumerate(order)}
     for inode, (pid, e) in ends.items():

@@ -125,10 +125,14 @@ elif kind == "memfd":
 
 # -- inherit: a socket left to the restore side, O_NONBLOCK on it
 elif kind == "inherit":
-    # sockets the dump refuses (bound to a name; socketpairs are restored)
+    # sockets the dump refuses (bound, with a datagram unread from an
+    # unnamed sender; socketpairs and idle bound sockets are restored)
     a, b = (socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2))
     a.bind(f"\0ck-inherit-{os.getpid()}-a")
     b.bind(f"\0ck-inherit-{os.getpid()}-b")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
+        c.sendto(b"x", f"\0ck-inherit-{os.getpid()}-a")
+        c.sendto(b"x", f"\0ck-inherit-{os.getpid()}-b")
     a.setblocking(False)
     keep.extend([a, b])
     app = os.open(os.path.join(d, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -247,13 +251,19 @@ elif kind == "tty-inherit":
         expect(ws[:2] == (24, 80), f"window size {ws}")
 
 # -- what the dump refuses: set up only
-elif kind == "socket":      # a unix socket, not connected
+elif kind == "unix-pending":   # a listener with a connection not accepted yet
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    keep.append(s)
+    s.bind(f"\0ck-pending-{os.getpid()}")
+    s.listen(4)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(f"\0ck-pending-{os.getpid()}")
+    keep.extend([s, c])
     info["fd"] = s.fileno()
-elif kind == "unix-bound":  # bound to an (abstract) name
+elif kind == "unix-bound":  # bound to an (abstract) name, a datagram unread
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(f"\0ck-bound-{os.getpid()}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
+        c.sendto(b"x", f"\0ck-bound-{os.getpid()}")
     keep.append(s)
     info["fd"] = s.fileno()
 elif kind == "unix-outside":  # a pair whose other end a process outside the tree holds

@@ -34,7 +34,7 @@ from .base import DumpCtx, FdKind, Item, Probe, RestoreCore, refuse
 SO_DOMAIN, SO_PEEK_OFF, SO_PASSCRED = 39, 42, 16
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
 SO_RCVTIMEO, SO_SNDTIMEO = 20, 21
-TCP_ESTABLISHED = 1
+TCP_ESTABLISHED, TCP_LISTEN = 1, 10
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
          socket.SOCK_SEQPACKET: "seqpacket"}
 MAX_MESSAGE = 1 << 20
@@ -62,21 +62,31 @@ def dump(ctx: DumpCtx, p: Probe):
         if s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN) != socket.AF_UNIX:
             return refused.dump(ctx, p)
         info = _diag(ctx).get(p.st.st_ino)
-        why = _unsupported(info, _diag(ctx))
+        single = info is not None and not info.peer
+        why = _unsupported_single(info) if single else _unsupported(info, _diag(ctx))
         if why:
             return refuse(e, "socket", "a unix socket", "unix sockets that are not an unnamed "
-                          "connected pair", ctx.external, f", {why}")
+                          "connected pair, a listener or a bound or new socket",
+                          ctx.external, f", {why}")
         e.type = files_pb2.FD_UNIX_SOCKET
         u = e.unix
         u.type, u.inode, u.peer, u.shutdown = info.type, info.inode, info.peer, info.shutdown
+        if single:
+            u.single, u.name, u.listening = True, _name(info.name), info.state == TCP_LISTEN
+            u.backlog = info.wqlen if u.listening else 0
+            if u.name and u.name[0] != 0:
+                why = _socket_file(u, info)
+                if why:
+                    return refuse(e, "socket", "a unix socket", "such unix sockets",
+                                  ctx.external, f", {why}")
         u.rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         u.sndbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         u.passcred = bool(s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED))
         u.peek_off = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
         u.rcvtimeo_us = _timeo(s, SO_RCVTIMEO)
         u.sndtimeo_us = _timeo(s, SO_SNDTIMEO)
-        try:
-            queue = _peek_queue(s, info, p, ctx.max_content)
+        try:   # a socket on its own has none (refused above otherwise)
+            queue = [] if single else _peek_queue(s, info, p, ctx.max_content)
         except _InFlight:
             e.ClearField("unix")
             return refuse(e, "socket", "a unix socket", "unix sockets with file descriptors "
@@ -90,6 +100,42 @@ def dump(ctx: DumpCtx, p: Probe):
     finally:
         s.close()
     return e
+
+
+def _name(raw: bytes) -> bytes:
+    """sun_path as bound: a path loses the NUL the kernel keeps after it."""
+    return raw.rstrip(b"\0") if raw and raw[0] != 0 else raw
+
+
+def _unsupported_single(info) -> str:
+    if info.type not in TYPES:
+        return f"of type {info.type}"
+    if info.state == TCP_LISTEN:
+        return "with connections waiting to be accepted" if info.icons else ""
+    if info.rqlen:
+        return "with unread data from unnamed senders" if info.name else "with unread data"
+    return ""
+
+
+def _socket_file(u, info) -> str:
+    """The socket file of a path name, as the dumped process bound it."""
+    path = u.name.decode("utf-8", "surrogateescape")
+    if not path.startswith("/"):
+        return f"bound to the relative path {path!r}"
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if info.vfs is not None:
+        kdev, ino = info.vfs
+        want = (os.makedev(kdev >> 20, kdev & 0xFFFFF), ino)
+    else:
+        want = None
+    if st is None or want is None or (st.st_dev, st.st_ino) != want:
+        return f"whose socket file {path} is gone or replaced"
+    u.file_dev, u.file_ino = st.st_dev, st.st_ino
+    u.file_mode, u.file_uid, u.file_gid = st.st_mode, st.st_uid, st.st_gid
+    return ""
 
 
 def _unsupported(info, diag) -> str:
@@ -158,6 +204,8 @@ def _peek_queue(s: socket.socket, info, p: Probe, cap: int) -> list[bytes]:
 
 def restore(R: RestoreCore, it: Item) -> None:
     u = it.e.unix
+    if u.single:
+        return _restore_single(R, it)
     if u.maker:   # the other process made it: taken with the tree's links
         raise R.fail(it, f"a unix socket made by process {u.maker} was not taken from it")
     peer_item = next((o for o in R.items if o.e.type == files_pb2.FD_UNIX_SOCKET
@@ -197,6 +245,66 @@ def restore(R: RestoreCore, it: Item) -> None:
     else:
         R.unix_spares[u.peer] = b   # a later process takes it; kept open until then
         R.keep.add(b)
+
+
+AT_FDCWD, AT_SYMLINK_NOFOLLOW = -100, 0x100
+SUN_PATH_MAX = 108
+
+
+def _restore_single(R: RestoreCore, it: Item) -> None:
+    """A socket on its own: made, bound to its name (a path's stale socket
+    file, the dumped one, removed first; then its mode and owner given
+    back), listening with its backlog, with its options."""
+    u = it.e.unix
+    if u.type not in TYPES or len(u.name) > SUN_PATH_MAX:
+        raise R.fail(it, f"unix socket of type {u.type} or name of {len(u.name)} bytes")
+    fd = R.fresh(R.call("socket", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, it=it))
+    if u.name:
+        path = None
+        if u.name[0] != 0:
+            path = u.name.decode("utf-8", "surrogateescape")
+            if not path.startswith("/") or "\0" in path:
+                raise R.fail(it, f"socket path {path!r} is not absolute")
+            _remove_stale(R, it, path)
+        addr = struct.pack("=H", socket.AF_UNIX) + u.name + (b"\0" if path else b"")
+        R.r.write(R.r.scratch + 2048, addr)
+        R.call("bind", fd, R.r.scratch + 2048, len(addr), it=it)
+        if path is not None:
+            at = R.stage(path, it)
+            mode = u.file_mode & 0o7777
+            R.call("fchmodat", AT_FDCWD, at, mode, 0, it=it)
+            res = R.r.syscall("fchownat", AT_FDCWD, at, u.file_uid, u.file_gid,
+                              AT_SYMLINK_NOFOLLOW)
+            if res < 0 and res != -errno.EPERM:
+                raise R.fail(it, f"chown of {path}: {os.strerror(-res)}")
+    if u.listening:
+        R.call("listen", fd, min(u.backlog, 1 << 16), it=it)
+    copy = R.own_copy(fd)
+    try:
+        with socket.socket(fileno=copy) as s:
+            _options(R, it, s, u)
+    except OSError as exc:
+        raise R.fail(it, f"socket options: {exc.strerror or exc}") from None
+    R.setfl(fd, it)
+    R.place(fd, it)
+
+
+def _remove_stale(R: RestoreCore, it: Item, path: str) -> None:
+    """The socket file the dumped process bound outlives it: removed (by
+    the placeholder, as the dumped user) only if it is that very file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise R.fail(it, f"socket path {path}: {exc.strerror}") from None
+    if (st.st_mode & 0o170000) != 0o140000:
+        raise R.fail(it, f"socket path {path} is taken by a file that is no socket")
+    live = {(os.makedev(v[0] >> 20, v[0] & 0xFFFFF), v[1])
+            for v in (i.vfs for i in sockdiag.unix_sockets().values()) if v is not None}
+    if (st.st_dev, st.st_ino) in live:
+        raise R.fail(it, f"socket path {path} is bound by a live socket (another server?)")
+    R.call("unlinkat", AT_FDCWD, R.stage(path, it), 0, it=it)
 
 
 def _peer_sends_shut(st, u, peer) -> bool:
