@@ -161,7 +161,12 @@ KINDS: tuple[Kind, ...] = (
          REFUSED, "objects/fds/unixsk.py"),
     Kind("files", "unread data on a socket with SO_PASSCRED", REFUSED,
          "objects/fds/unixsk.py", note="the sender's credentials of each message"),
-    Kind("files", "TCP, UDP, netlink, packet sockets", REFUSED, "objects/fds/refused.py",
+    Kind("files", "TCP sockets new, bound or listening; UDP sockets bound or connected "
+         "(IPv4, IPv6)", RESTORED, "objects/fds/inetsk.py",
+         note="bound again (SO_REUSEADDR for the bind alone), listen with the backlog, "
+              "options (reuse, keepalive, buffers, nodelay, v6only, timeouts...)"),
+    Kind("files", "TCP connections, listeners with connections waiting, UDP sockets with "
+         "unread data, netlink and packet sockets", REFUSED, "objects/fds/inetsk.py",
          option="--external-fds",
          note="left to the restore side, which gives a stand-in with --inherit-fd"),
     Kind("files", "fanotify, pidfd, io_uring, userfaultfd, other devices",

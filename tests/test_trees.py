@@ -602,3 +602,60 @@ def test_unix_server_listening(tmp_path, reaper):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+TCP_SERVER = r"""
+import socket, sys
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(17)
+srv6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+srv6.bind(("::1", 0))
+srv6.listen(3)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+print("READY", srv.getsockname()[1], srv6.getsockname()[1], udp.getsockname()[1], flush=True)
+for line in sys.stdin:
+    for s in (srv, srv6):
+        conn, _ = s.accept()
+        conn.sendall(b"hello " + conn.recv(100))
+        conn.close()
+    data, peer = udp.recvfrom(100)
+    udp.sendto(data.upper(), peer)
+    print("SERVED", srv.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+          srv6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), flush=True)
+"""
+
+
+def test_tcp_and_udp_servers_idle(tmp_path, reaper):
+    """An idle TCP server (IPv4 and IPv6 listeners, no client) and a bound
+    UDP socket: restored on the same ports with their options; clients
+    connecting after the restore are served."""
+    import socket
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", TCP_SERVER])
+    reaper.append(p.pid)
+    port4, port6, uport = map(int, ch.expect("READY").split()[1:])
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    ch.send("serve\n")
+    for fam, addr in ((socket.AF_INET, ("127.0.0.1", port4)), (socket.AF_INET6, ("::1", port6))):
+        with socket.socket(fam, socket.SOCK_STREAM) as c:
+            c.connect(addr)
+            c.sendall(b"client")
+            assert c.recv(100) == b"hello client"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        u.sendto(b"ping", ("127.0.0.1", uport))
+        assert u.recvfrom(100)[0] == b"PING"
+    assert ch.expect("SERVED") == "SERVED 1 1"
+    r.kill()
+    r.wait(10)
+    ch.close()

@@ -291,8 +291,18 @@ elif kind == "passcred":    # unread data whose sender's credentials go with it
     b.send(b"x")
     keep.extend([a, b])
     info["fd"] = a.fileno()
-elif kind == "tcp":
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+elif kind == "tcp":         # an established connection (to itself)
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # (its connections linger after the dump's kill: bound again only with reuse)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    s = socket.create_connection(lst.getsockname())
+    acc, _ = lst.accept()
+    keep.extend([lst, s, acc])
+    info["fd"] = s.fileno()
+elif kind == "netlink":
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
     keep.append(s)
     info["fd"] = s.fileno()
 elif kind == "pidfd":

@@ -38,7 +38,7 @@ from ...images.pb import files_pb2
 from ...inject import Injector
 from ...kernel import procfs
 from . import (devnull, epoll, eventfd, inotify, locks, memfd, pipe, procfile, refused,
-               regfile, signalfd, timerfd, tty, unixsk)
+               regfile, signalfd, timerfd, tty, unixsk, inetsk)
 from .base import (CHECKS, MAX_CONTENT, DumpCtx, FdEntry, FdKind, FilesEntry, Item, Probe,
                    RestoreCore, fd_keys, link_kind, open_path, opt)  # noqa: F401
 from .fs import dump_fs, restore_fs
@@ -59,7 +59,8 @@ KINDS: tuple[FdKind, ...] = (
     epoll.KIND,
     timerfd.KIND,
     inotify.KIND,
-    unixsk.KIND,        # sockets: unix socketpairs; the others refused by name
+    inetsk.KIND,        # sockets: TCP/UDP without connections, unix ones (unixsk)
+    unixsk.KIND,        # (claims nothing itself: inetsk hands it the unix sockets)
     refused.KIND,       # last: whatever no kind claimed
 )
 LOCKS = locks.KIND      # not a kind of fd: the locks any fd holds
