@@ -261,7 +261,8 @@ def test_make_j2_checkpointed_mid_build(tmp_path, reaper):
         st = ck.dump()
     p.wait(10)
     reaper.extend(q["pid"] for q in st.processes)
-    assert len(st.processes) >= 3, st.processes
+    # make with its children (running, or exited and not reaped yet)
+    assert len(st.processes) + len(st.zombies) >= 2, (st.processes, st.zombies)
     r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
     reaper.append(r.pid)
     assert r.wait(60) == 0
