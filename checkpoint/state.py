@@ -145,16 +145,18 @@ KINDS: tuple[Kind, ...] = (
     Kind("files", "status flags of inherited fds (O_NONBLOCK)", RESTORED,
          "objects/fds/__init__.py",
          note="a --inherit-fd stand-in gets the dumped O_NONBLOCK, O_APPEND, O_NOATIME"),
-    Kind("files", "unix socketpairs (stream, datagram, seqpacket) within the dumped processes",
-         RESTORED, "objects/fds/unixsk.py",
+    Kind("files", "unix socketpairs (stream, datagram, seqpacket) and connections accepted "
+         "by a listener, within the dumped processes", RESTORED, "objects/fds/unixsk.py",
          note="unread data both ways (peeked), shutdown state, buffer sizes, SO_PASSCRED, "
-              "SO_PEEK_OFF, timeouts; made by the first holder, taken by the others"),
+              "SO_PEEK_OFF, timeouts; made by the first holder (an accepted one: by the "
+              "server connecting to its restored listener), taken by the others"),
     Kind("files", "unix sockets on their own: new, bound to a path or an abstract name, "
          "listening", RESTORED, "objects/fds/unixsk.py",
          note="bound again (the dumped socket file, if no live socket holds it, replaced; "
               "its mode and owner given back), listen with the backlog, options"),
-    Kind("files", "unix sockets connected to a named socket or outside the dumped processes, "
-         "listeners with connections waiting, bound sockets with unread data", REFUSED,
+    Kind("files", "unix sockets connected outside the dumped processes (or to a server whose "
+         "process lacks the listener), listeners with connections waiting, bound sockets "
+         "with unread data", REFUSED,
          "objects/fds/unixsk.py", option="--external-fds",
          note="left to the restore side (--inherit-fd)"),
     Kind("files", "file descriptors in flight (SCM_RIGHTS queued, not yet received)",

@@ -660,3 +660,56 @@ def test_tcp_and_udp_servers_idle(tmp_path, reaper):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+UNIX_CONN = r"""
+import os, socket, sys, time
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(4)
+kid = os.fork()
+if kid == 0:
+    srv.close()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    c.sendall(b"queued for the server")   # left unread at the dump
+    while True:
+        msg = c.recv(100)
+        if not msg:
+            os._exit(0)
+        c.sendall(b"echo " + msg + b" " + repr(c.getpeername()).encode())
+conn, _ = srv.accept()
+time.sleep(0.2)
+print("READY", kid, flush=True)
+for line in sys.stdin:
+    got = conn.recv(100)
+    conn.sendall(b"ping")
+    print("GOT", got.decode(), conn.recv(200).decode(), repr(conn.getsockname()), flush=True)
+"""
+
+
+def test_unix_server_with_a_connected_client(tmp_path, reaper):
+    """A unix server and its client (its child) connected through the
+    server's listener, with data the server has not read: restored, the
+    connection is made again through the restored listener (the server's
+    end has the listener's name, the client sees it as its peer) and every
+    byte is there once."""
+    import sys
+    path = str(tmp_path / "srv.sock")
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", UNIX_CONN, path])
+    reaper.append(p.pid)
+    kid = int(ch.expect("READY").split()[1])
+    reaper.append(kid)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    want = f"GOT queued for the server echo ping {path!r} {path!r}"
+    assert ch.ask("go", "GOT") == want
+    r.kill()
+    r.wait(10)
+    ch.close()

@@ -158,6 +158,22 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
                        f" of process {pid}, connected to one outside the dumped processes")
             continue
         qpid, q = got
+        server = (pid, e) if e.unix.name else (qpid, q) if q.unix.name else None
+        if server is not None:
+            spid, se = server
+            holds = any(x.type == files_pb2.FD_UNIX_SOCKET and x.unix.single and
+                        x.unix.listening and x.unix.name == se.unix.name
+                        for x in recs[spid]["files"].fds)
+            if not holds or rank[spid] > rank[qpid if spid == pid else pid]:
+                from .fds.base import refuse
+                for x in [x for x in recs[pid]["files"].fds
+                          if x.type == files_pb2.FD_UNIX_SOCKET and x.unix.inode == inode]:
+                    x.ClearField("unix")
+                    refuse(x, "socket", "a unix socket", "such connections", external,
+                           f" of process {pid}, a connection whose server's process does "
+                           "not hold the listener it was accepted by, or comes after the "
+                           "client's")
+                continue
         if rank[qpid] < rank[pid]:
             e.unix.maker = qpid
             del e.unix.queue[:]     # the maker sends it

@@ -244,6 +244,12 @@ def premake_memfds(remote: Injector, entry: FilesEntry,
     return out
 
 
+def _accepted(it: Item) -> bool:
+    u = it.e.unix
+    return it.e.type == files_pb2.FD_UNIX_SOCKET and not u.single and not u.maker and \
+        bool(u.name or u.peer_name)
+
+
 class _Restorer(RestoreCore):
     premade: dict[tuple[int, int], int]
     tree_links: dict[int, int] = {}
@@ -267,8 +273,8 @@ class _Restorer(RestoreCore):
                 self.inherited.add(it.fd)
             elif it.dup_of is not None:
                 dups.append(it)
-            elif it.same_inode_as is not None or self.is_pty_peer(it):
-                later.append(it)
+            elif it.same_inode_as is not None or self.is_pty_peer(it) or _accepted(it):
+                later.append(it)   # (an accepted connection: once its listener is back)
             else:
                 self.restore_one(it)
         later.sort(key=lambda i: (not i.e.pty_master, i.fd))  # masters, then peers

@@ -71,6 +71,9 @@ def dump(ctx: DumpCtx, p: Probe):
         e.type = files_pb2.FD_UNIX_SOCKET
         u = e.unix
         u.type, u.inode, u.peer, u.shutdown = info.type, info.inode, info.peer, info.shutdown
+        if not single:   # a connection accepted by a listener: its ends' names
+            u.name = _name(info.name)
+            u.peer_name = _name(_diag(ctx)[info.peer].name)
         if single:
             u.single, u.name, u.listening = True, _name(info.name), info.state == TCP_LISTEN
             u.backlog = info.wqlen if u.listening else 0
@@ -143,13 +146,15 @@ def _unsupported(info, diag) -> str:
         return "which sock_diag does not show (another network namespace?)"
     if info.type not in TYPES:
         return f"of type {info.type}"
-    if info.name:
-        return "bound to a name"
     if info.state != TCP_ESTABLISHED or not info.peer:
         return "listening" if info.state == 10 else "not connected"
     peer = diag.get(info.peer)
-    if peer is None or peer.name or peer.peer != info.inode:
-        return "connected to a named socket (a server's)"
+    if peer is None or peer.peer != info.inode:
+        return "connected to a socket that is not connected back (a datagram server's?)"
+    if info.name and peer.name:
+        return "connected with a name on both ends"
+    if (info.name or peer.name) and info.type == socket.SOCK_DGRAM:
+        return "a datagram socket connected to a named one"
     return ""
 
 
@@ -213,10 +218,13 @@ def restore(R: RestoreCore, it: Item) -> None:
     peer = peer_item.e.unix if peer_item is not None else u.peer_state
     if peer is None or peer.inode != u.peer:
         raise R.fail(it, "the peer of this unix socket is in no entry")
-    addr = R.r.scratch
-    R.call("socketpair", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, addr, it=it)
-    a, b = struct.unpack("ii", R.r.read(addr, 8))
-    a, b = R.fresh(a), R.fresh(b)
+    if u.name or u.peer_name:
+        a, b = _connect_accept(R, it, u)
+    else:
+        addr = R.r.scratch
+        R.call("socketpair", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, addr, it=it)
+        a, b = struct.unpack("ii", R.r.read(addr, 8))
+        a, b = R.fresh(a), R.fresh(b)
     ca, cb = R.own_copy(a), R.own_copy(b)
     try:
         sa, sb = socket.socket(fileno=ca), socket.socket(fileno=cb)
@@ -245,6 +253,24 @@ def restore(R: RestoreCore, it: Item) -> None:
     else:
         R.unix_spares[u.peer] = b   # a later process takes it; kept open until then
         R.keep.add(b)
+
+
+def _connect_accept(R: RestoreCore, it: Item, u) -> tuple[int, int]:
+    """A connection a listener accepted, made again the same way: a new
+    socket connects to the restored listener (which this process holds:
+    the server's), the listener accepts it. Returns (this end, its peer)."""
+    name = u.name or u.peer_name
+    lst = next((o for o in R.items if o.e.type == files_pb2.FD_UNIX_SOCKET
+                and o.e.unix.single and o.e.unix.listening and o.e.unix.name == name
+                and o.fd in R.placed), None)
+    if lst is None:
+        raise R.fail(it, "the listener it was accepted by is not in this process")
+    c = R.fresh(R.call("socket", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, it=it))
+    addr = struct.pack("=H", socket.AF_UNIX) + name + (b"\0" if name[0] != 0 else b"")
+    R.r.write(R.r.scratch + 2048, addr)
+    R.call("connect", c, R.r.scratch + 2048, len(addr), it=it)
+    s = R.fresh(R.call("accept4", lst.fd, 0, 0, socket.SOCK_CLOEXEC, it=it))
+    return (s, c) if u.name else (c, s)
 
 
 AT_FDCWD, AT_SYMLINK_NOFOLLOW = -100, 0x100
