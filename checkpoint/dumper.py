@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from .errors import CheckpointError, ImageError, NoSuchProcess, TargetExited, UsageError
 from . import faults, hooks
 from . import state as state_table
-from .freezer import FrozenProcess, FrozenTree, freeze_process, freeze_tree
+from .freezer import (FrozenProcess, FrozenTree, cgroup_frozen, check_freeze_cgroup,
+                      freeze_process, freeze_tree)
 from .interrupt import check as check_stop
 from .interrupt import stoppable
 from .images import LayerWriter, LocalSink, ParentRef, open_chain, open_layer_for_write
@@ -112,7 +113,8 @@ class Checkpointer:
                  count_skipped: bool = True, sign_key: bytes | None = None,
                  prev_images_dir: str | os.PathLike | None = None,
                  action_scripts: list[str] | None = None, file_locks: bool = False,
-                 skip_children: bool = False, tree: bool = True, pages_first: bool = False):
+                 skip_children: bool = False, tree: bool = True, pages_first: bool = False,
+                 freeze_cgroup: str | None = None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -148,6 +150,10 @@ class Checkpointer:
         #: dump the process with all its descendants (CRIU's -t); off: a
         #: process with children is refused unless skip_children
         self.tree = tree and not skip_children
+        #: CRIU's --freeze-cgroup: a cgroup v2 holding the tree, frozen while
+        #: ptrace seizes it (for trees that fork faster than it can follow)
+        self.freeze_cgroup = check_freeze_cgroup(freeze_cgroup, pid) \
+            if freeze_cgroup is not None else None
         #: a final dump reads the pages before the rest of the state, so they
         #: stream (live migration: to the page server) while the injected
         #: calls, smaps and the fds are read; the memory map the pages were
@@ -587,6 +593,15 @@ class Checkpointer:
 
     def _freeze(self) -> FrozenTree:
         """The target, and unless ``tree`` is off its descendants, frozen."""
+        if self.freeze_cgroup is not None:
+            t0 = time.perf_counter()
+            with cgroup_frozen(self.freeze_cgroup, self.freeze_timeout):
+                tree = self._freeze_ptrace()
+            tree.freezing_ms = (time.perf_counter() - t0) * 1e3
+            return tree
+        return self._freeze_ptrace()
+
+    def _freeze_ptrace(self) -> FrozenTree:
         if not self.tree:
             proc = freeze_process(self.pid, self.freeze_timeout)
             return FrozenTree(self.pid, [proc], [], proc.freezing_ms)

@@ -199,6 +199,10 @@ KINDS: tuple[Kind, ...] = (
     Kind("tree", "child processes (the whole tree, CRIU's -t)", RESTORED, "objects/pstree.py",
          note="frozen together (listed again until stable), forked again from their "
               "restored parent with their PIDs; --skip-children dumps the root alone"),
+    Kind("tree", "cgroup membership", ENGINE, "freezer.py",
+         note="the host's placement, not dumped: the restored processes join the restore's "
+              "cgroups (as CRIU's --manage-cgroups=ignore), an orchestrator moves them "
+              "(cgroup.procs); --freeze-cgroup freezes a cgroup v2 while the tree is seized"),
     Kind("tree", "sessions and process groups across the tree", RESTORED, "objects/pstree.py",
          note="setsid at the fork, then group leaders, then members"),
     Kind("tree", "a process in a session neither its own nor its parent's", REFUSED,

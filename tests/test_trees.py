@@ -713,3 +713,67 @@ def test_unix_server_with_a_connected_client(tmp_path, reaper):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+def _cgroup2_root() -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return parts[1]
+    return None
+
+
+@pytest.fixture
+def cgroup():
+    """A fresh cgroup v2 directory, removed at the end (once empty)."""
+    import time
+    root = _cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup2 mount on this machine (the freezer test needs one)")
+    path = os.path.join(root, f"ck-test-{os.getpid()}-{time.monotonic_ns()}")
+    os.mkdir(path)
+    yield path
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            if "populated 0" in f.read():
+                break
+        time.sleep(0.01)
+    os.rmdir(path)
+
+
+def test_freeze_cgroup_for_a_tree_that_forks_fast(tmp_path, reaper, cgroup):
+    """--freeze-cgroup: the forking parent's cgroup (v2) is frozen while
+    ptrace seizes the tree, so no child is born meanwhile; the restored
+    parent reaps every child with its status. A process not in the cgroup,
+    or a path that is no cgroup v2, is a usage error."""
+    import sys
+    import time
+    from checkpoint.errors import UsageError
+    ch = Channel()
+    p = ch.popen([sys.executable, os.path.join(os.path.dirname(__file__), "targets",
+                                               "forker.py")])
+    reaper.append(p.pid)
+    ch.expect("READY")
+    with pytest.raises(UsageError, match="is not in it"):
+        Checkpointer(p.pid, tmp_path / "x", freeze_cgroup=cgroup)
+    with pytest.raises(UsageError, match="not a cgroup v2"):
+        Checkpointer(p.pid, tmp_path / "x", freeze_cgroup=str(tmp_path))
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(p.pid))
+    time.sleep(0.2)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img", freeze_cgroup=cgroup) as ck:
+        ck.dump()
+    with open(os.path.join(cgroup, "cgroup.freeze")) as f:
+        assert f.read().strip() == "0"        # thawed again
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    time.sleep(0.2)
+    forked, reaped, bad, running = map(int, ch.ask("check", "STATE").split()[1:])
+    assert bad == 0 and forked > reaped > 0
+    r.kill()
+    r.wait(10)
+    ch.close()

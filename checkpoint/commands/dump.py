@@ -45,6 +45,10 @@ def _common(p) -> None:
     p.add_argument("--skip-children", action="store_true",
                    help="dump the process alone, without its descendants: the children are "
                         "not in the image and keep running; the restored process has none")
+    p.add_argument("--freeze-cgroup", metavar="PATH",
+                   help="a cgroup v2 directory holding the tree: frozen while the tree is "
+                        "seized, so a tree that forks faster than ptrace follows is caught "
+                        "whole (CRIU's --freeze-cgroup)")
 
 
 def register(sub) -> None:
@@ -76,6 +80,7 @@ def run(args) -> int:
                       external_fds=getattr(args, "external_fds", False),
                       file_locks=args.file_locks,
                       skip_children=args.skip_children,
+                      freeze_cgroup=args.freeze_cgroup,
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,
                       prev_images_dir=args.prev_images_dir,
                       action_scripts=args.action_script,
