@@ -15,8 +15,9 @@ The policy (docs/migrate.md):
   (the freeze, the metadata, the state the destination adds). Switch over
   when the prediction is within ``downtime_limit_ms``;
 - guards: at most ``max_rounds`` pre-dumps; a round that carried 64 pages or
-  fewer ends the pre-copy (P.Haul); two rounds in a row that do not improve
-  on the round before's prediction by 10% mean the process dirties memory faster than
+  fewer ends the pre-copy (P.Haul); two rounds in a row that neither improve
+  on the round before's prediction by 10% nor carry a quarter fewer pages
+  than it mean the process dirties memory faster than
   the link carries it: then stop-the-world, or with ``auto_converge``
   throttle it (it stays frozen for part of each round, more each time the
   predictions stall) until they improve;
@@ -293,10 +294,14 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         # machine was busy), so one round without progress is forgiven, two
         # in a row are not (or, throttled, the rounds must also shrink by a
         # quarter each, else it tightens); --max-rounds bounds the rest
-        improved = predicted < last * IMPROVE
+        # (a round a quarter smaller than the one before is progress too:
+        # the dirty set still shrinks, as P.Haul asks, whatever one slow
+        # round did to the prediction)
+        improved = predicted < last * IMPROVE or \
+            (prev_pages is not None and st.pages_written <= prev_pages * SHRINK)
         last = predicted
         strikes = 0 if improved else strikes + 1
-        slow = throttle and prev_pages is not None and st.pages_written > prev_pages * 0.75
+        slow = throttle and prev_pages is not None and st.pages_written > prev_pages * SHRINK
         prev_pages = st.pages_written
         if strikes >= 2 or slow:
             strikes = 0
@@ -319,6 +324,7 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
 
 
 IMPROVE = 0.9             # a round must improve the previous prediction by 10% to count
+SHRINK = 0.75             # a round this much smaller than the one before is progress
 RATE_WINDOW_MS = 300.0    # the dirty rate spans the latest rounds covering this much
 RATE_MIN_BYTES = 1 << 20  # a round measures the end-to-end rate from this many bytes
 # what a final round costs beyond a pre-dump's freeze and its pages, measured

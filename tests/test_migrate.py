@@ -679,3 +679,17 @@ def test_prediction_counts_a_burst_the_last_short_round_missed():
     assert 0.4 * expected < predicted - fixed < 2.5 * expected, (predicted, expected,
                                                                  st.per_round)
     assert st.per_round[-1].predicted_ms == predicted
+
+
+def test_rounds_that_keep_shrinking_are_progress_whatever_one_slow_round_predicted():
+    """Two rounds whose predictions do not improve (one waited, one was slow
+    on a busy machine) while each carried a quarter fewer pages than the one
+    before: the pre-copy goes on (it stopped as "faster than the link")."""
+    from checkpoint import migration as M
+    rounds = _Rounds([(65536, 0.0, 0.75), (30000, 0.0, 0.5), (18000, 0.0, 0.45),
+                      (10000, 0.0, 0.6), (5000, 0.0, 0.22), (2500, 0.0, 0.15)])
+    st = M.MigrationStats()
+    M._precopy(rounds, rounds, st, 1e-6, 6, False, rounds)
+    preds = [r.predicted_ms for r in st.per_round]
+    assert preds[2] > preds[1] * M.IMPROVE and preds[3] > preds[2] * M.IMPROVE, preds
+    assert len(st.per_round) == 6 and st.reason.startswith("6 rounds"), st.reason
