@@ -8,14 +8,16 @@ The policy (docs/migrate.md):
 - pre-dump rounds while the process runs; each round's layer is streamed,
   checked, published and applied on the destination before the next round;
 - after each round the downtime of stopping now is predicted, as QEMU does:
-  the pages the final round would carry (the dirty rate between the last
-  two scans times the time since the last one) at the end-to-end rate the
-  last round measured after the thaw, plus the fixed cost of a final round
+  the pages the final round would carry (the dirty rate of the latest
+  rounds covering 300 ms times the time since the last scan) at the
+  end-to-end rate the latest round of 1 MiB or more measured after the
+  thaw, plus the fixed cost of a final round
   (the freeze, the metadata, the state the destination adds). Switch over
   when the prediction is within ``downtime_limit_ms``;
 - guards: at most ``max_rounds`` pre-dumps; a round that carried 64 pages or
-  fewer ends the pre-copy (P.Haul); two rounds in a row that do not improve
-  the best prediction by 10% mean the process dirties memory faster than
+  fewer ends the pre-copy (P.Haul); two rounds in a row that neither improve
+  on the round before's prediction by 10% nor carry a quarter fewer pages
+  than it mean the process dirties memory faster than
   the link carries it: then stop-the-world, or with ``auto_converge``
   throttle it (it stays frozen for part of each round, more each time the
   predictions stall) until they improve;
@@ -206,7 +208,9 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
     """The pre-dump rounds; returns the predicted downtime of stopping now."""
     rate = 0.0                # end-to-end bytes/ms once thawed: read, compress, send, ack
     prev_scan = None          # when the previous round took its dirty set
-    best = float("inf")       # the best prediction so far
+    last = float("inf")       # the previous round's prediction
+    window: list = []         # (previous scan, pages) of the rounds the dirty rate spans
+    per_page = 0.0            # bytes a page stored
     strikes = 0               # rounds in a row that did not improve on it
     throttle = 0
     prev_pages = None
@@ -231,27 +235,39 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored, ms, st.frozen_ms,
                                           hold))
         moving = max((now - (st.thawed_at or st.frozen_at)) * 1e3, 1e-3)
-        if st.bytes_stored:
+        # the end-to-end rate and bytes a page of the latest round big enough
+        # to measure them (a round of a few pages is all fixed costs)
+        if st.bytes_stored and st.pages_written and \
+                (st.bytes_stored >= RATE_MIN_BYTES or not rate):
             rate = st.bytes_stored / moving
+            per_page = st.bytes_stored / st.pages_written
             stats.bandwidth_mbps = rate * 1e3 * 8 / 1e6
         # the final round carries what is dirtied from this round's scan to
-        # the final freeze: the dirty rate seen between the last two scans
-        # (pages a ms: an upper bound, a dirty set grows slower than linearly)
-        # times the time since this scan
+        # the final freeze: the dirty rate (pages a ms) of the latest rounds
+        # that cover at least RATE_WINDOW_MS (a program that writes in bursts
+        # shows a short round without one: the last interval alone said
+        # "nothing" and the final round then carried a burst) times the time
+        # since this scan; never more than those rounds carried together
         dirty_rate = None
-        if prev_scan is not None and not hold:
-            dirty_rate = st.pages_written / max((st.frozen_at - prev_scan) * 1e3, 1e-3)
+        if hold:
+            window.clear()       # a held round's rate is not the program's
+        elif prev_scan is not None:
+            window.append((prev_scan, st.pages_written))
+            while len(window) > 1 and \
+                    (st.frozen_at - window[1][0]) * 1e3 >= RATE_WINDOW_MS:
+                window.pop(0)
+            carried = sum(n for _, n in window)
+            dirty_rate = carried / max((st.frozen_at - window[0][0]) * 1e3, 1e-3)
         prev_scan = st.frozen_at
         # plus the fixed cost of a final round: a round's freeze and metadata
         # (the latest: the first also registers every VMA), and what the
         # destination adds at the end (files, threads, credentials)
         fixed = st.frozen_ms + FINAL_EXTRA_MS
-        per_page = (st.bytes_stored / st.pages_written) if st.pages_written else 0.0
 
         def predict() -> float:
             since = (time.perf_counter() - st.frozen_at) * 1e3
             pages = st.pages_written if dirty_rate is None else \
-                min(st.pages_written, dirty_rate * since)
+                min(carried, dirty_rate * since)
             return fixed + (pages * per_page / rate if rate else 0.0)
 
         predicted = predict()
@@ -272,21 +288,26 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
         if st.pages_written <= SMALL_ROUND:
             stats.reason = f"a round of {st.pages_written} pages"
             return predicted
-        # converging means the prediction keeps improving; a round may be
-        # longer than the one before for a reason of its own (it waited for
-        # the destination to apply a big layer), so one round without
-        # progress is forgiven, two in a row are not (or, throttled, the
-        # rounds must also shrink by a quarter each, else it tightens)
-        improved = predicted < best * IMPROVE
-        best = min(best, predicted)
+        # converging means the prediction keeps improving on the round
+        # before; a round may be longer than the one before for a reason of
+        # its own (it waited for the destination to apply a big layer, the
+        # machine was busy), so one round without progress is forgiven, two
+        # in a row are not (or, throttled, the rounds must also shrink by a
+        # quarter each, else it tightens); --max-rounds bounds the rest
+        # (a round a quarter smaller than the one before is progress too:
+        # the dirty set still shrinks, as P.Haul asks, whatever one slow
+        # round did to the prediction)
+        improved = predicted < last * IMPROVE or \
+            (prev_pages is not None and st.pages_written <= prev_pages * SHRINK)
+        last = predicted
         strikes = 0 if improved else strikes + 1
-        slow = throttle and prev_pages is not None and st.pages_written > prev_pages * 0.75
+        slow = throttle and prev_pages is not None and st.pages_written > prev_pages * SHRINK
         prev_pages = st.pages_written
         if strikes >= 2 or slow:
             strikes = 0
             if auto_converge and throttle < len(THROTTLE_STEPS):
                 throttle += 1
-                best = float("inf")
+                last = float("inf")
                 log.info("not converging: throttling the process to %d%% frozen",
                          THROTTLE_STEPS[throttle - 1] * 100)
                 continue
@@ -302,7 +323,10 @@ def _precopy(ck: Checkpointer, chain: RemoteChain, stats: MigrationStats, limit:
     return predicted
 
 
-IMPROVE = 0.9             # a round must improve the best prediction by 10% to count
+IMPROVE = 0.9             # a round must improve the previous prediction by 10% to count
+SHRINK = 0.75             # a round this much smaller than the one before is progress
+RATE_WINDOW_MS = 300.0    # the dirty rate spans the latest rounds covering this much
+RATE_MIN_BYTES = 1 << 20  # a round measures the end-to-end rate from this many bytes
 # what a final round costs beyond a pre-dump's freeze and its pages, measured
 # on this project's benchmarks: ~15 ms of the dump's own state on the source
 # (files, threads, signals), ~15 ms for the destination's finish
