@@ -151,12 +151,14 @@ KINDS: tuple[Kind, ...] = (
               "SO_PEEK_OFF, timeouts; made by the first holder (an accepted one: by the "
               "server connecting to its restored listener), taken by the others"),
     Kind("files", "unix sockets on their own: new, bound to a path or an abstract name, "
-         "listening", RESTORED, "objects/fds/unixsk.py",
+         "listening, and the clients waiting in a listener's queue", RESTORED,
+         "objects/fds/unixsk.py",
          note="bound again (the dumped socket file, if no live socket holds it, replaced; "
-              "its mode and owner given back), listen with the backlog, options"),
+              "its mode and owner given back), listen with the backlog, options; waiting "
+              "clients connect again in the queue's order after the accepted ones"),
     Kind("files", "unix sockets connected outside the dumped processes (or to a server whose "
-         "process lacks the listener), listeners with connections waiting, bound sockets "
-         "with unread data", REFUSED,
+         "process lacks the listener), listeners with clients waiting from outside the dump, "
+         "waiting clients that sent data, bound sockets with unread data", REFUSED,
          "objects/fds/unixsk.py", option="--external-fds",
          note="left to the restore side (--inherit-fd)"),
     Kind("files", "file descriptors in flight (SCM_RIGHTS queued, not yet received)",

@@ -225,8 +225,8 @@ def test_tty_stand_in_gets_the_settings_keeps_its_size(run):
 REFUSED = {
     # state-table kind name -> [(target kind, what the line says)]
     "unix sockets connected outside the dumped processes (or to a server whose process "
-    "lacks the listener), listeners with connections waiting, bound sockets with unread "
-    "data": [
+    "lacks the listener), listeners with clients waiting from outside the dump, waiting "
+    "clients that sent data, bound sockets with unread data": [
         ("unix-pending", "a unix socket"), ("unix-bound", "a unix socket"),
         ("unix-outside", "a unix socket")],
     "file descriptors in flight (SCM_RIGHTS queued, not yet received)": [

@@ -137,7 +137,11 @@ def test_soft_dirty_classic_full_round_matches_full(target, tmp_path):
     sd, full = SoftDirtyTracker(use_ioctl=False), FullTracker()
     a, _ = run_round(sd, d.pid)
     b, _ = run_round(full, d.pid)
-    assert a == b
+
+    def ours(pages):   # the two rounds are two freezes: the target's own
+        # runtime may touch a new page in between (seen once: one page more)
+        return {p for p in pages if base <= p < base + 64 * PS or fbase <= p < fbase + 8 * PS}
+    assert ours(a) == ours(b)
     assert {(p - fbase) // PS for p in a if fbase <= p < fbase + 8 * PS} == {1, 2}
 
 

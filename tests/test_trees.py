@@ -777,3 +777,61 @@ def test_freeze_cgroup_for_a_tree_that_forks_fast(tmp_path, reaper, cgroup):
     r.kill()
     r.wait(10)
     ch.close()
+
+
+WAITING = r"""
+import os, socket, sys, time
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("\0ck-waiting-" + str(os.getpid()))
+srv.listen(8)
+done = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+done.connect("\0ck-waiting-" + str(os.getpid()))
+first, _ = srv.accept()                  # one connection accepted...
+go_r, go_w = os.pipe()
+kid = os.fork()
+if kid == 0:                             # ...two clients waiting, in a child
+    srv.close()
+    cs = []
+    for i in range(2):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect("\0ck-waiting-" + str(os.getppid()))
+        cs.append(c)
+    os.read(go_r, 1)                     # the clients talk once the dump is over
+    for i, c in enumerate(cs):
+        c.sendall(b"client %d" % i)
+        print(f"CLIENT {i} {c.recv(100).decode()}", flush=True)
+    os._exit(0)
+time.sleep(0.3)
+print("READY", kid, flush=True)
+sys.stdin.readline()
+os.write(go_w, b"g")
+for i in range(2):
+    conn, _ = srv.accept()
+    conn.sendall(b"served " + conn.recv(100))
+first.sendall(b"x")
+print(f"FIRST {done.recv(10).decode()}", flush=True)
+"""
+
+
+def test_unix_listener_with_clients_waiting(tmp_path, reaper):
+    """A unix listener with one connection accepted and two clients (a
+    child's) still in its accept queue: restored, the accepted connection is
+    made again first, the two clients wait in the queue again in their
+    order, and the server accepts and serves them."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", WAITING])
+    reaper.append(p.pid)
+    kid = int(ch.expect("READY").split()[1])
+    reaper.append(kid)
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    ch.send("go\n")
+    got = sorted(ch.expect("") for _ in range(3))
+    assert got == ["CLIENT 0 served client 0", "CLIENT 1 served client 1", "FIRST x"]
+    r.wait(10)
+    ch.close()

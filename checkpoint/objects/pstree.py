@@ -142,9 +142,10 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
     for pid in order:
         for e in recs[pid]["files"].fds:
             if e.type == files_pb2.FD_UNIX_SOCKET and not e.HasField("dup_of") \
-                    and not e.unix.single:
+                    and not e.unix.single and not e.unix.pending_on:
                 ends.setdefault(e.unix.inode, (pid, e))
     rank = {pid: i for i, pid in enumerate(order)}
+    _link_waiting(recs, order, rank, external)
     for inode, (pid, e) in ends.items():
         got = ends.get(e.unix.peer)
         if got is None:
@@ -180,6 +181,61 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
         elif qpid != pid:
             e.unix.peer_state.CopyFrom(q.unix)
             e.unix.peer_state.ClearField("peer_state")
+
+
+def _link_waiting(recs, order, rank, external: bool) -> None:
+    """Clients waiting in a listener's accept queue connect to it again at
+    restore, in the tree's order (then each process's fd order): that must
+    be the queue's order, the listener's process must come first, and each
+    waiting client must be in the dump (else the listener is refused)."""
+    from .fds.base import refuse
+    listeners = {}   # inode -> (pid, entry)
+    waiting = {}     # client inode -> (pid, entry)
+    for pid in order:
+        for e in recs[pid]["files"].fds:
+            if e.type != files_pb2.FD_UNIX_SOCKET or e.HasField("dup_of"):
+                continue
+            if e.unix.single and e.unix.listening and e.unix.pending:
+                listeners.setdefault(e.unix.inode, (pid, e))
+            elif e.unix.pending_on:
+                waiting.setdefault(e.unix.inode, (pid, e))
+    for linode, (lpid, le) in listeners.items():
+        clients = [waiting.get(c) for c in le.unix.pending]
+        why = ""
+        if any(c is None for c in clients):
+            why = ", with connections waiting from processes outside the dump"
+        elif any(rank[cpid] < rank[lpid] for cpid, _ in clients):
+            why = ", with a waiting client in a process that comes before the listener's"
+        elif [(rank[cpid], ce.fd) for cpid, ce in clients] != \
+                sorted((rank[cpid], ce.fd) for cpid, ce in clients):
+            why = ", with waiting clients that would connect again in another order"
+        elif any(ce.unix.pending_on != le.unix.name for _, ce in clients):
+            why = ", with waiting clients naming another listener"
+        if why:
+            for x in [x for x in recs[lpid]["files"].fds if x.type ==
+                      files_pb2.FD_UNIX_SOCKET and x.unix.inode == linode]:
+                x.ClearField("unix")
+                refuse(x, "socket", "a unix socket", "such listeners", external,
+                       f" of process {lpid}, a listener{why}")
+            for c in clients:
+                if c is not None:
+                    waiting.pop(c[1].unix.inode, None)
+                    _refuse_unix(recs, c[0], c[1].unix.inode, external,
+                                 "waiting to be accepted by a listener that is refused")
+    queued = {c for _, le in listeners.values() for c in le.unix.pending}
+    for cinode, (cpid, ce) in list(waiting.items()):
+        if cinode not in queued:
+            _refuse_unix(recs, cpid, cinode, external,
+                         "waiting to be accepted by a listener outside the dump")
+
+
+def _refuse_unix(recs, pid: int, inode: int, external: bool, why: str) -> None:
+    from .fds.base import refuse
+    for x in [x for x in recs[pid]["files"].fds if x.type == files_pb2.FD_UNIX_SOCKET
+              and x.unix.inode == inode]:
+        x.ClearField("unix")
+        refuse(x, "socket", "a unix socket", "such unix sockets", external,
+               f" of process {pid}, {why}")
 
 
 def _mark_closed_pipes(recs: dict[int, dict]) -> None:
@@ -307,6 +363,11 @@ def check_tree(nodes: list[Node], path: str) -> None:
                         "out of order or outside its private VMAs")
                 last = e
         for e in n.rec["files"].fds:
+            if e.type == files_pb2.FD_UNIX_SOCKET and e.unix.pending_on and not any(
+                    f.type == files_pb2.FD_UNIX_SOCKET and f.unix.listening and
+                    f.unix.name == e.unix.pending_on for m in nodes[:i + 1] if m.rec
+                    for f in m.rec["files"].fds):
+                bad(f"fd {e.fd} of {n.pid} waits on a listener no earlier process has")
             if e.type == files_pb2.FD_UNIX_SOCKET and e.unix.maker:
                 j = index.get(e.unix.maker)
                 if j is None or j >= i or nodes[j].zombie or not any(

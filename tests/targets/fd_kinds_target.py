@@ -251,14 +251,15 @@ elif kind == "tty-inherit":
         expect(ws[:2] == (24, 80), f"window size {ws}")
 
 # -- what the dump refuses: set up only
-elif kind == "unix-pending":   # a listener with a connection not accepted yet
+elif kind == "unix-pending":   # a client not accepted yet that sent data
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(f"\0ck-pending-{os.getpid()}")
     s.listen(4)
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(f"\0ck-pending-{os.getpid()}")
+    c.send(b"early")
     keep.extend([s, c])
-    info["fd"] = s.fileno()
+    info["fd"] = c.fileno()
 elif kind == "unix-bound":  # bound to an (abstract) name, a datagram unread
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(f"\0ck-bound-{os.getpid()}")

@@ -245,9 +245,11 @@ def premake_memfds(remote: Injector, entry: FilesEntry,
 
 
 def _accepted(it: Item) -> bool:
+    """An accepted connection (made through its listener) or a client
+    waiting in one's queue: once every listener is back."""
     u = it.e.unix
-    return it.e.type == files_pb2.FD_UNIX_SOCKET and not u.single and not u.maker and \
-        bool(u.name or u.peer_name)
+    return it.e.type == files_pb2.FD_UNIX_SOCKET and not u.maker and (
+        bool(u.pending_on) or not u.single and bool(u.name or u.peer_name))
 
 
 class _Restorer(RestoreCore):
@@ -277,7 +279,9 @@ class _Restorer(RestoreCore):
                 later.append(it)   # (an accepted connection: once its listener is back)
             else:
                 self.restore_one(it)
-        later.sort(key=lambda i: (not i.e.pty_master, i.fd))  # masters, then peers
+        # pty masters, then peers; accepted connections before the clients
+        # waiting in a listener's queue (an accept must not take one of them)
+        later.sort(key=lambda i: (not i.e.pty_master, bool(i.e.unix.pending_on), i.fd))
         for it in later:
             if it.fd not in self.placed:
                 self.restore_one(it)

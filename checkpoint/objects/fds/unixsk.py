@@ -62,8 +62,12 @@ def dump(ctx: DumpCtx, p: Probe):
         if s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN) != socket.AF_UNIX:
             return refused.dump(ctx, p)
         info = _diag(ctx).get(p.st.st_ino)
-        single = info is not None and not info.peer
-        why = _unsupported_single(info) if single else _unsupported(info, _diag(ctx))
+        waiting_on = _waiting_on(info, _diag(ctx))
+        single = info is not None and not info.peer and waiting_on is None
+        if waiting_on is not None:
+            why = _unsupported_waiting(s, info)
+        else:
+            why = _unsupported_single(info) if single else _unsupported(info, _diag(ctx))
         if why:
             return refuse(e, "socket", "a unix socket", "unix sockets that are not an unnamed "
                           "connected pair, a listener or a bound or new socket",
@@ -71,12 +75,16 @@ def dump(ctx: DumpCtx, p: Probe):
         e.type = files_pb2.FD_UNIX_SOCKET
         u = e.unix
         u.type, u.inode, u.peer, u.shutdown = info.type, info.inode, info.peer, info.shutdown
-        if not single:   # a connection accepted by a listener: its ends' names
+        if waiting_on is not None:   # a client not accepted yet: connects again
+            u.pending_on = _name(waiting_on.name)
+            single = True          # nothing queued, no peer to make
+        elif not single:   # a connection accepted by a listener: its ends' names
             u.name = _name(info.name)
             u.peer_name = _name(_diag(ctx)[info.peer].name)
-        if single:
+        if single and waiting_on is None:
             u.single, u.name, u.listening = True, _name(info.name), info.state == TCP_LISTEN
             u.backlog = info.wqlen if u.listening else 0
+            u.pending.extend(info.icons)
             if u.name and u.name[0] != 0:
                 why = _socket_file(u, info)
                 if why:
@@ -110,11 +118,34 @@ def _name(raw: bytes) -> bytes:
     return raw.rstrip(b"\0") if raw and raw[0] != 0 else raw
 
 
+def _waiting_on(info, diag):
+    """The listener whose accept queue holds this client socket, or None."""
+    if info is None or info.peer or info.state != TCP_ESTABLISHED:
+        return None
+    return next((d for d in diag.values() if d.state == TCP_LISTEN
+                 and info.inode in d.icons), None)
+
+
+def _unsupported_waiting(s: socket.socket, info) -> str:
+    import fcntl
+    import termios
+    if info.type not in TYPES:
+        return f"of type {info.type}"
+    if info.rqlen:
+        return "waiting to be accepted, with unread data"
+    sent = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    if sent:
+        return "waiting to be accepted, with data sent the server has not accepted yet"
+    if info.shutdown:
+        return "waiting to be accepted, shut down"
+    return ""
+
+
 def _unsupported_single(info) -> str:
     if info.type not in TYPES:
         return f"of type {info.type}"
     if info.state == TCP_LISTEN:
-        return "with connections waiting to be accepted" if info.icons else ""
+        return ""
     if info.rqlen:
         return "with unread data from unnamed senders" if info.name else "with unread data"
     return ""
@@ -209,6 +240,8 @@ def _peek_queue(s: socket.socket, info, p: Probe, cap: int) -> list[bytes]:
 
 def restore(R: RestoreCore, it: Item) -> None:
     u = it.e.unix
+    if u.pending_on:
+        return _restore_waiting(R, it)
     if u.single:
         return _restore_single(R, it)
     if u.maker:   # the other process made it: taken with the tree's links
@@ -305,6 +338,28 @@ def _restore_single(R: RestoreCore, it: Item) -> None:
                 raise R.fail(it, f"chown of {path}: {os.strerror(-res)}")
     if u.listening:
         R.call("listen", fd, min(u.backlog, 1 << 16), it=it)
+    copy = R.own_copy(fd)
+    try:
+        with socket.socket(fileno=copy) as s:
+            _options(R, it, s, u)
+    except OSError as exc:
+        raise R.fail(it, f"socket options: {exc.strerror or exc}") from None
+    R.setfl(fd, it)
+    R.place(fd, it)
+
+
+def _restore_waiting(R: RestoreCore, it: Item) -> None:
+    """A client waiting in a listener's accept queue: a new socket connects
+    to the restored listener again (after its accepted connections were
+    made again, and in the queue's order: objects/pstree.py checks it)."""
+    u = it.e.unix
+    name = u.pending_on
+    if u.type not in TYPES or not name or len(name) > SUN_PATH_MAX:
+        raise R.fail(it, "waiting unix socket with an impossible type or listener name")
+    fd = R.fresh(R.call("socket", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, it=it))
+    addr = struct.pack("=H", socket.AF_UNIX) + name + (b"\0" if name[0] != 0 else b"")
+    R.r.write(R.r.scratch + 2048, addr)
+    R.call("connect", fd, R.r.scratch + 2048, len(addr), it=it)
     copy = R.own_copy(fd)
     try:
         with socket.socket(fileno=copy) as s:
