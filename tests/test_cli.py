@@ -60,3 +60,20 @@ def test_engine_errors_become_one_line():
     assert res.returncode == 4
     assert res.stderr.strip().count("\n") == 0, res.stderr
     assert res.stderr.startswith("checkpoint: error: no such process: 4000000")
+
+
+def test_help_loads_no_engine():
+    """`checkpoint --help` (and each verb's parser) loads none of the engine:
+    no protobuf, zstandard, dumper or restorer (start-up time, issue 14:
+    tools/bench/bench_startup.py measures it)."""
+    import subprocess
+    import sys
+    for argv in (["--help"], ["dump", "--help"], ["restore", "--help"]):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "checkpoint", *argv],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-500:]
+        loaded = {line.split("|")[-1].strip() for line in out.stderr.splitlines()
+                  if line.startswith("import time:")}
+        heavy = {m for m in loaded if m.split(".")[0] in ("zstandard", "google", "ptrace")
+                 or m in ("checkpoint.dumper", "checkpoint.restorer", "checkpoint.kerndat")}
+        assert not heavy, (argv, sorted(heavy))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from ..kerndat import FEATURES, probe_all
-
-
 def register(sub) -> None:
     p = sub.add_parser("check", help="probe the kernel features the engine needs",
                        description="Probe each kernel capability by trying it and report "
@@ -14,6 +11,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..kerndat import FEATURES, probe_all
     kd = probe_all()
     if args.json:
         from ..cli import emit_json

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from ..dumper import Checkpointer
-from ..images import load_sign_key
 from . import MAX_PID, MAX_THREADS, ZSTD_LEVELS, int_range
 
 
@@ -74,6 +72,10 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="checkpoint: %(message)s")
+    # imported here: `checkpoint --help` and the other verbs do not pay for
+    # the engine (protobuf, zstandard, the rooms: ~0.1 s)
+    from ..dumper import Checkpointer
+    from ..images import load_sign_key
     with Checkpointer(args.pid, args.images_dir, track=args.track,
                       compress_level=args.compress_level, threads=args.threads,
                       max_pages=args.max_pages,

@@ -8,8 +8,6 @@ import signal
 import sys
 
 from ..errors import CheckpointError, UsageError
-from ..images import load_sign_key
-from ..restorer import restore
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
@@ -157,6 +155,8 @@ def run(args) -> int:
     if args.pidfile:
         check_pidfile(args.pidfile)
     check_status_fd(args.status_fd)
+    from ..images import load_sign_key
+    from ..restorer import restore
     r = restore(args.images_dir, inherit=inherit,
                 inherit_stdio=not args.no_inherit_stdio, new_pids=args.new_pids,
                 stdio=_stdio(args),
