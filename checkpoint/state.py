@@ -169,8 +169,13 @@ KINDS: tuple[Kind, ...] = (
          "(IPv4, IPv6)", RESTORED, "objects/fds/inetsk.py",
          note="bound again (SO_REUSEADDR for the bind alone), listen with the backlog, "
               "options (reuse, keepalive, buffers, nodelay, v6only, timeouts...)"),
-    Kind("files", "TCP connections, listeners with connections waiting, UDP sockets with "
-         "unread data, netlink and packet sockets", REFUSED, "objects/fds/inetsk.py",
+    Kind("files", "netlink sockets (route, uevent...) with no message unread", RESTORED,
+         "objects/fds/nlsk.py",
+         note="protocol, port id, multicast groups, peer, options"),
+    Kind("files", "netlink sockets with a message unread", REFUSED, "objects/fds/nlsk.py",
+         option="--external-fds", note="its messages are the kernel's"),
+    Kind("files", "TCP connections, TCP listeners with connections waiting, UDP sockets with "
+         "unread data, packet and other sockets", REFUSED, "objects/fds/inetsk.py",
          option="--external-fds",
          note="left to the restore side, which gives a stand-in with --inherit-fd"),
     Kind("files", "fanotify, pidfd, io_uring, userfaultfd, other devices",

@@ -379,7 +379,7 @@ def test_disk_full_publishes_nothing_and_target_runs_on(rt, tmp_path):
 
 
 def test_unsupported_fd_kind_fails_the_dump_clearly(spawn, python_exe, tmp_path):
-    t = spawn([python_exe, "-c", "import socket, time; s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); "
+    t = spawn([python_exe, "-c", "import socket, time; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0); "
                                  "print('READY', s.fileno(), flush=True); time.sleep(30)"])
     fd = int(t.expect("READY").split()[1])
     with pytest.raises(CheckpointError, match=f"fd {fd} is a socket"):
@@ -605,9 +605,9 @@ def test_a_failed_round_makes_the_next_one_full(rt):
 
 
 def test_failed_restore_leaves_nothing_and_names_the_object(spawn, python_exe, tmp_path):
-    """A (netlink) socket dumped as external with no stand-in: the restore fails in the
+    """A (packet) socket dumped as external with no stand-in: the restore fails in the
     middle (files), names the fd, and kills its half-built process."""
-    t = spawn([python_exe, "-c", "import socket, time; s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); "
+    t = spawn([python_exe, "-c", "import socket, time; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0); "
                                  "print('READY', s.fileno(), flush=True); time.sleep(30)"])
     fd = int(t.expect("READY").split()[1])
     with Checkpointer(t.pid, tmp_path / "img", external_fds=True) as ck:

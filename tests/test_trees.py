@@ -835,3 +835,44 @@ def test_unix_listener_with_clients_waiting(tmp_path, reaper):
     assert got == ["CLIENT 0 served client 0", "CLIENT 1 served client 1", "FIRST x"]
     r.wait(10)
     ch.close()
+
+
+NETLINK = r"""
+import socket, struct, sys
+RTMGRP_LINK, RTNLGRP_IPV4_ROUTE = 1, 7
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.bind((0, RTMGRP_LINK))
+s.setsockopt(270, 1, RTNLGRP_IPV4_ROUTE)        # NETLINK_ADD_MEMBERSHIP
+s.setsockopt(270, 11, 1)                         # NETLINK_EXT_ACK
+u = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)   # NETLINK_KOBJECT_UEVENT
+print("READY", s.getsockname()[0], flush=True)
+for line in sys.stdin:
+    s.send(struct.pack("=IHHII", 20, 18, 0x301, 1, 0) + b"\0\0\0\0")   # RTM_GETLINK dump
+    reply = s.recv(65536)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    groups = struct.unpack_from("=I", s.getsockopt(270, 9, 64))[0]
+    print("NL", s.getsockname()[0], kind, hex(groups), s.getsockopt(270, 11),
+          u.getsockopt(socket.SOL_SOCKET, 38), flush=True)
+"""
+
+
+def test_netlink_route_socket(tmp_path, reaper):
+    """A NETLINK_ROUTE socket with its port id and multicast groups (one of
+    them joined by NETLINK_ADD_MEMBERSHIP) and a uevent socket: restored,
+    the route socket answers an RTM_GETLINK dump on the same port id."""
+    import sys
+    ch = Channel()
+    p = ch.popen([sys.executable, "-c", NETLINK])
+    reaper.append(p.pid)
+    portid = int(ch.expect("READY").split()[1])
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img") as ck:
+        ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    # RTM_NEWLINK (16) answers; groups 1 and 7: 0x41; EXT_ACK on; uevent protocol 15
+    assert ch.ask("go", "NL") == f"NL {portid} 16 0x41 1 15"
+    r.kill()
+    r.wait(10)
+    ch.close()

@@ -302,8 +302,15 @@ elif kind == "tcp":         # an established connection (to itself)
     acc, _ = lst.accept()
     keep.extend([lst, s, acc])
     info["fd"] = s.fileno()
-elif kind == "netlink":
+elif kind == "netlink":     # a reply not read yet
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    # RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, then an rtgenmsg (AF_UNSPEC)
+    s.send(struct.pack("=IHHII", 20, 18, 0x301, 1, 0) + b"\0\0\0\0")
+    time.sleep(0.05)
+    keep.append(s)
+    info["fd"] = s.fileno()
+elif kind == "packet":
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     keep.append(s)
     info["fd"] = s.fileno()
 elif kind == "pidfd":

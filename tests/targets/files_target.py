@@ -2,7 +2,7 @@
 
 "setup DIR"  -> opens everything under DIR, chdir DIR, umask 027;
                 prints "ready {json: name -> fd}" (+ "data" keys, hex)
-"unsupported" -> also opens two netlink sockets and a pidfd; prints "ready {json}"
+"unsupported" -> also opens two packet sockets and a pidfd; prints "ready {json}"
 "stderr TTY" -> puts fd 2 on the tty TTY; prints "ready {json}"
 "readpipe"   -> reads the pipe's 10 KiB; prints "pipe <len> <sha256>"
 """
@@ -75,8 +75,8 @@ def main() -> None:
             setup(args[0])
             print("ready " + json.dumps(fds), flush=True)
         elif cmd == "unsupported":
-            # netlink sockets: still refused (unix and idle TCP ones are restored)
-            a, b = (socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) for _ in range(2))
+            # packet sockets: still refused (unix, netlink and idle TCP ones are restored)
+            a, b = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) for _ in range(2))
             keep.extend([a, b])
             fds["sock"] = a.fileno()
             fds["pidfd"] = os.pidfd_open(os.getpid())  # still unsupported (eventfd is not)

@@ -38,7 +38,7 @@ from ...images.pb import files_pb2
 from ...inject import Injector
 from ...kernel import procfs
 from . import (devnull, epoll, eventfd, inotify, locks, memfd, pipe, procfile, refused,
-               regfile, signalfd, timerfd, tty, unixsk, inetsk)
+               regfile, signalfd, timerfd, tty, unixsk, inetsk, nlsk)
 from .base import (CHECKS, MAX_CONTENT, DumpCtx, FdEntry, FdKind, FilesEntry, Item, Probe,
                    RestoreCore, fd_keys, link_kind, open_path, opt)  # noqa: F401
 from .fs import dump_fs, restore_fs
@@ -61,6 +61,7 @@ KINDS: tuple[FdKind, ...] = (
     inotify.KIND,
     inetsk.KIND,        # sockets: TCP/UDP without connections, unix ones (unixsk)
     unixsk.KIND,        # (claims nothing itself: inetsk hands it the unix sockets)
+    nlsk.KIND,          # (nor this one: the netlink sockets)
     refused.KIND,       # last: whatever no kind claimed
 )
 LOCKS = locks.KIND      # not a kind of fd: the locks any fd holds

@@ -76,6 +76,9 @@ def dump(ctx: DumpCtx, p: Probe):
             s.close()
             s = None
             return unixsk.dump(ctx, p)
+        if family == socket.AF_NETLINK:
+            from . import nlsk
+            return nlsk.dump(ctx, p, s)
         stype = s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         proto = s.getsockopt(socket.SOL_SOCKET, SO_PROTOCOL)
         if family not in FAMILIES or (stype, proto) not in (
