@@ -16,6 +16,18 @@ from conftest import build_target
 from test_dump_restore import Channel, reaper  # noqa: F401 (fixture)
 
 
+def _dump_kill_restore(ch, p, tmp_path, reaper, **kw):
+    """Dump the tree of ``p`` (Checkpointer options ``kw``), which kills it,
+    and restore it with the channel's streams; returns (DumpStats, Restored)."""
+    stdio = ch.inherit(p.pid)
+    with Checkpointer(p.pid, tmp_path / "img", **kw) as ck:
+        st = ck.dump()
+    p.wait(10)
+    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
+    reaper.append(r.pid)
+    return st, r
+
+
 def _start_server(reaper, n=3):
     ch = Channel()
     p = ch.popen([str(build_target("tree_server")), str(n)])
@@ -289,12 +301,7 @@ def test_pipe_whose_other_end_is_closed_everywhere(tmp_path, reaper):
     p = ch.popen([sys.executable, "-c", CLOSED_PIPE])
     reaper.append(p.pid)
     ch.expect("READY")
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     assert ch.ask("go", "GOT") == "GOT left behind b''"
     assert r.wait(10) == 0
     ch.close()
@@ -428,12 +435,7 @@ def test_terminal_foreground_job_comes_back(tmp_path, reaper):
     kid = int(ch.expect("READY").split()[1])
     reaper.append(kid)
     assert ch.ask("fg", "FG") == f"FG {kid} {p.pid} {kid}"
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     assert ch.ask("fg", "FG") == f"FG {kid} {p.pid} {kid}"
     r.kill()
     r.wait(10)
@@ -542,12 +544,7 @@ def test_asyncio_program_with_its_self_pipe(tmp_path, reaper):
     reaper.append(p.pid)
     ch.expect("READY")
     first = int(ch.ask("t", "TICKS").split()[1])
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     import time
     time.sleep(0.2)
     assert int(ch.ask("t", "TICKS").split()[1]) > first
@@ -586,12 +583,7 @@ def test_unix_server_listening(tmp_path, reaper):
     p = ch.popen([sys.executable, "-c", UNIX_SERVER, path])
     reaper.append(p.pid)
     ch.expect("READY")
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     ch.send("serve\n")
     import socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
@@ -640,12 +632,7 @@ def test_tcp_and_udp_servers_idle(tmp_path, reaper):
     p = ch.popen([sys.executable, "-c", TCP_SERVER])
     reaper.append(p.pid)
     port4, port6, uport = map(int, ch.expect("READY").split()[1:])
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     ch.send("serve\n")
     for fam, addr in ((socket.AF_INET, ("127.0.0.1", port4)), (socket.AF_INET6, ("::1", port6))):
         with socket.socket(fam, socket.SOCK_STREAM) as c:
@@ -702,12 +689,7 @@ def test_unix_server_with_a_connected_client(tmp_path, reaper):
     reaper.append(p.pid)
     kid = int(ch.expect("READY").split()[1])
     reaper.append(kid)
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     want = f"GOT queued for the server echo ping {path!r} {path!r}"
     assert ch.ask("go", "GOT") == want
     r.kill()
@@ -825,12 +807,7 @@ def test_unix_listener_with_clients_waiting(tmp_path, reaper):
     reaper.append(p.pid)
     kid = int(ch.expect("READY").split()[1])
     reaper.append(kid)
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     ch.send("go\n")
     got = sorted(ch.expect("") for _ in range(3))
     assert got == ["CLIENT 0 served client 0", "CLIENT 1 served client 1", "FIRST x"]
@@ -866,12 +843,7 @@ def test_netlink_route_socket(tmp_path, reaper):
     p = ch.popen([sys.executable, "-c", NETLINK])
     reaper.append(p.pid)
     portid = int(ch.expect("READY").split()[1])
-    stdio = ch.inherit(p.pid)
-    with Checkpointer(p.pid, tmp_path / "img") as ck:
-        ck.dump()
-    p.wait(10)
-    r = restore(tmp_path / "img", inherit=stdio, inherit_stdio=False)
-    reaper.append(r.pid)
+    _, r = _dump_kill_restore(ch, p, tmp_path, reaper)
     # RTM_NEWLINK (16) answers; groups 1 and 7: 0x41; EXT_ACK on; uevent protocol 15
     assert ch.ask("go", "NL") == f"NL {portid} 16 0x41 1 15"
     r.kill()

@@ -46,9 +46,18 @@ def unix_sockets() -> dict[int, UnixInfo]:
     show = UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | \
         UDIAG_SHOW_RQLEN
     req = REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, show, 0xFFFFFFFF, 0xFFFFFFFF)
+    out: dict[int, UnixInfo] = {}
+    for body in _dump(req):
+        info = _parse(body)
+        out[info.inode] = info
+    return out
+
+
+def _dump(req: bytes):
+    """The bodies of the SOCK_DIAG_BY_FAMILY messages answering the dump
+    request ``req`` (one netlink socket, read until NLMSG_DONE)."""
     msg = NLMSG.pack(NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
                      1, 0) + req
-    out: dict[int, UnixInfo] = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_SOCK_DIAG) as s:
         s.sendto(msg, (0, 0))
@@ -60,13 +69,12 @@ def unix_sockets() -> dict[int, UnixInfo]:
                 if length < NLMSG.size:
                     raise OSError(f"sock_diag: bad message length {length}")
                 if mtype == NLMSG_DONE:
-                    return out
+                    return
                 if mtype == NLMSG_ERROR:
                     err = struct.unpack_from("=i", data, pos + NLMSG.size)[0]
                     raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
                 if mtype == SOCK_DIAG_BY_FAMILY:
-                    info = _parse(data[pos + NLMSG.size:pos + length])
-                    out[info.inode] = info
+                    yield data[pos + NLMSG.size:pos + length]
                 pos += (length + 3) & ~3
 
 
@@ -116,26 +124,9 @@ def inet_sockets(family: int, protocol: int) -> dict[int, InetInfo]:
     """inode -> InetInfo of every socket of ``family``/``protocol``
     (IPPROTO_TCP, IPPROTO_UDP) in the engine's network namespace."""
     req = INET_REQ.pack(family, protocol, 0, 0, 0xFFFFFFFF, bytes(48))
-    msg = NLMSG.pack(NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
-                     1, 0) + req
     out: dict[int, InetInfo] = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_SOCK_DIAG) as s:
-        s.sendto(msg, (0, 0))
-        while True:
-            data = s.recv(1 << 16)
-            pos = 0
-            while pos + NLMSG.size <= len(data):
-                length, mtype, _, _, _ = NLMSG.unpack_from(data, pos)
-                if length < NLMSG.size:
-                    raise OSError(f"sock_diag: bad message length {length}")
-                if mtype == NLMSG_DONE:
-                    return out
-                if mtype == NLMSG_ERROR:
-                    err = struct.unpack_from("=i", data, pos + NLMSG.size)[0]
-                    raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
-                if mtype == SOCK_DIAG_BY_FAMILY and length - NLMSG.size >= INET_MSG.size:
-                    fam, state, _, _, _, _, rq, wq, _, ino = INET_MSG.unpack_from(
-                        data, pos + NLMSG.size)
-                    out[ino] = InetInfo(ino, fam, state, rq, wq)
-                pos += (length + 3) & ~3
+    for body in _dump(req):
+        if len(body) >= INET_MSG.size:
+            fam, state, _, _, _, _, rq, wq, _, ino = INET_MSG.unpack_from(body, 0)
+            out[ino] = InetInfo(ino, fam, state, rq, wq)
+    return out

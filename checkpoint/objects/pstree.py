@@ -29,14 +29,24 @@ Zombies (children that exited and were not reaped) have a PstreeEntry only
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
+import struct
+import time
+from array import array
+from contextlib import nullcontext
 
-from ..errors import ImageError, RestoreError, UnsupportedObject
+from ..errors import CheckpointError, ImageError, RestoreError, TargetExited, UnsupportedObject
 from ..freezer import SEIZE_OPTIONS, FrozenProcess, FrozenThread, FrozenTree
 from ..images.pb import files_pb2, pstree_pb2
-from ..kernel.syscalls import NR, raw_syscall
+from ..inject import Injector
+from ..kernel import procfs
+from ..kernel import ptrace as pt
+from ..kernel.syscalls import NR, clone_args, raw_syscall
 from . import mm as mm_obj
+from .fds.base import refuse
 
 KCMP_FILE = 0
 # fds whose inode is one object even as another description
@@ -149,7 +159,6 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
     for inode, (pid, e) in ends.items():
         got = ends.get(e.unix.peer)
         if got is None:
-            from .fds.base import refuse
             holders = [x for x in recs[pid]["files"].fds if x.type == files_pb2.FD_UNIX_SOCKET
                        and x.unix.inode == inode]
             for x in holders:
@@ -166,7 +175,6 @@ def _link_unix(recs: dict[int, dict], order: list[int], external: bool) -> None:
                         x.unix.listening and x.unix.name == se.unix.name
                         for x in recs[spid]["files"].fds)
             if not holds or rank[spid] > rank[qpid if spid == pid else pid]:
-                from .fds.base import refuse
                 for x in [x for x in recs[pid]["files"].fds
                           if x.type == files_pb2.FD_UNIX_SOCKET and x.unix.inode == inode]:
                     x.ClearField("unix")
@@ -188,7 +196,6 @@ def _link_waiting(recs, order, rank, external: bool) -> None:
     restore, in the tree's order (then each process's fd order): that must
     be the queue's order, the listener's process must come first, and each
     waiting client must be in the dump (else the listener is refused)."""
-    from .fds.base import refuse
     listeners = {}   # inode -> (pid, entry)
     waiting = {}     # client inode -> (pid, entry)
     for pid in order:
@@ -230,7 +237,6 @@ def _link_waiting(recs, order, rank, external: bool) -> None:
 
 
 def _refuse_unix(recs, pid: int, inode: int, external: bool, why: str) -> None:
-    from .fds.base import refuse
     for x in [x for x in recs[pid]["files"].fds if x.type == files_pb2.FD_UNIX_SOCKET
               and x.unix.inode == inode]:
         x.ClearField("unix")
@@ -430,10 +436,6 @@ def fork_child(parent: FrozenProcess, node: Node, timeout: float, r=None) -> Fro
     injected call in the parent's leader): the child starts as a copy of
     the parent placeholder, stopped and traced (PTRACE_O_TRACEFORK), and is
     built from it like the root."""
-    from ..inject import Injector
-    from ..kernel import ptrace as pt
-    from ..kernel.syscalls import clone_args
-    import ctypes
 
     exit_signal = SIGCHLD if node.rec is None else node.rec["process"].exit_signal
     tids = (ctypes.c_int32 * 1)(node.pid)
@@ -442,10 +444,7 @@ def fork_child(parent: FrozenProcess, node: Node, timeout: float, r=None) -> Fro
     pt.setoptions(lead, SEIZE_OPTIONS | pt.PTRACE_O_EXITKILL | pt.PTRACE_O_TRACEFORK
                   | pt.PTRACE_O_TRACECLONE)
     before = set(_kids(parent.pid))
-    import errno as _errno
-    import time
     deadline = time.monotonic() + 5
-    from contextlib import nullcontext
     with (Injector(parent, lead, safe=False) if r is None else nullcontext(r)) as r:
         base = r.scratch
         args.set_tid = base + 512
@@ -455,10 +454,10 @@ def fork_child(parent: FrozenProcess, node: Node, timeout: float, r=None) -> Fro
             got = r.syscall("clone3", base, ctypes.sizeof(args))
             # the PID may still be held by the dumped process, dying or not
             # reaped yet by its new parent
-            if got != -_errno.EEXIST or time.monotonic() > deadline:
+            if got != -errno.EEXIST or time.monotonic() > deadline:
                 break
             time.sleep(0.005)
-    if got == -_errno.EEXIST:
+    if got == -errno.EEXIST:
         raise RestoreError(f"PID {node.pid} is taken by another process: restore the tree "
                            "once it is free, or with --pid-ns")
     if got != node.pid:
@@ -493,7 +492,6 @@ def set_groups(nodes: list[Node], procs: dict[int, FrozenProcess], root_pgid: in
     """The process groups, once every process exists: leaders first, then
     the members (a group must exist before anyone joins it). ``root_pgid``:
     the root's group as the restored processes see it (0: not visible)."""
-    from ..inject import Injector
     root = nodes[0].tree
     pids = {n.pid for n in nodes}
     for members in (False, True):
@@ -517,8 +515,6 @@ def make_zombies(nodes: list[Node], procs: dict[int, FrozenProcess]) -> None:
     disposition, so the zombie stays for its wait()); the SIGCHLD its exit
     queues in the parent placeholder is taken away again (the dumped
     parent's pending signals are restored on their own)."""
-    from ..inject import Injector
-    from ..errors import TargetExited
     parents = set()
     for n in nodes:
         if not n.zombie:
@@ -554,9 +550,6 @@ def make_zombies(nodes: list[Node], procs: dict[int, FrozenProcess]) -> None:
 
 
 def _await_zombie(pid: int) -> None:
-    import time
-    from ..kernel import procfs
-    from ..errors import CheckpointError
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
@@ -589,21 +582,18 @@ def _masked(raw: bytes) -> bytearray:
 
 
 def pfns_visible() -> bool:
-    """Page frame numbers show in /proc/PID/pagemap only with CAP_SYS_ADMIN."""
+    """Page frame numbers show in /proc/PID/pagemap only with CAP_SYS_ADMIN
+    (else they read 0): asked once, of a page of our own."""
     global _pfns_visible
     if _pfns_visible is None:
-        import mmap
-        import struct
-        m = mmap.mmap(-1, 4096)
-        m[0] = 1
-        import ctypes
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        with open("/proc/self/pagemap", "rb", 0) as f:
-            f.seek(addr // 4096 * 8)
-            e = struct.unpack("<Q", f.read(8))[0]
-        _pfns_visible = bool(e & ((1 << 55) - 1))
-        del addr
-        m.close()
+        with mmap.mmap(-1, 4096) as m:
+            m[0] = 1
+            page = ctypes.c_char.from_buffer(m)
+            addr = ctypes.addressof(page)
+            del page   # (the mapping cannot close while a ctypes view holds it)
+            with open("/proc/self/pagemap", "rb", 0) as f:
+                entry = struct.unpack("<Q", os.pread(f.fileno(), 8, addr // 4096 * 8))[0]
+        _pfns_visible = bool(entry & ((1 << 55) - 1))
     return _pfns_visible
 
 
@@ -618,7 +608,6 @@ def cow_ranges(child: int, parent: int, child_vmas, parent_vmas) -> list[int]:
     pv = sorted((v.start, v.end) for v in parent_vmas if not v.shared and v.path not in
                 mm_obj.SPECIAL)
     out: list[int] = []
-    from array import array
     with open(f"/proc/{child}/pagemap", "rb", 0) as fc, \
             open(f"/proc/{parent}/pagemap", "rb", 0) as fp:
         for v in child_vmas:
@@ -657,7 +646,6 @@ def _add(out: list[int], s: int, e: int, floor: int) -> None:
 def subtract(rows, ranges):
     """Region rows (flat start, end, flags) without the flat (start, end)
     ``ranges`` (both sorted)."""
-    from array import array
     if not ranges:
         return rows
     out = array("Q")
@@ -685,7 +673,6 @@ def left_ranges(prev: list[int], now: list[int]) -> list[tuple[int, int]]:
     (the parent wrote it: the child's own copy must be stored now)."""
     if not prev:
         return []
-    from array import array
     rows = array("Q")
     for s, e in zip(prev[0::2], prev[1::2]):
         rows.extend((s, e, 0))

@@ -64,17 +64,13 @@ def take_terminal(r, engine_pid: int, plan: Plan) -> None:
     group becomes the terminal's foreground group, as the kernel does)."""
     if not plan.ctty:
         return
-    for name in sorted(os.listdir(f"/proc/{engine_pid}/fd"), key=int):
-        try:
-            st = os.stat(f"/proc/{engine_pid}/fd/{name}")
-        except OSError:
-            continue
-        if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == plan.ctty:
-            res = r.syscall("ioctl", int(name), TIOCSCTTY, 0)
-            if res < 0:
-                raise RestoreError(f"session leader: cannot take its controlling terminal "
-                                   f"again (fd {name}): {os.strerror(-res)}")
-            return
+    fd = _tty_fd(engine_pid, plan.ctty)
+    if fd is not None:
+        res = r.syscall("ioctl", fd, TIOCSCTTY, 0)
+        if res < 0:
+            raise RestoreError(f"session leader: cannot take its controlling terminal "
+                               f"again (fd {fd}): {os.strerror(-res)}")
+        return
     raise RestoreError(f"the session leader had a controlling terminal (device "
                        f"{os.major(plan.ctty)}:{os.minor(plan.ctty)}) that none of its fds "
                        "holds: it cannot be given back")
@@ -86,18 +82,26 @@ TIOCSPGRP = 0x5410
 def set_foreground(r, engine_pid: int, plan: Plan, pgrp: int) -> None:
     """The session leader gives its terminal back to the dumped foreground
     group (a job of a restored shell), once every group exists."""
+    fd = _tty_fd(engine_pid, plan.ctty)
+    if fd is None:
+        return
+    r.write(r.scratch, pgrp.to_bytes(4, "little"))
+    res = r.syscall("ioctl", fd, TIOCSPGRP, r.scratch)
+    if res < 0:
+        raise RestoreError(f"session leader: cannot give its terminal to the "
+                           f"foreground process group {pgrp}: {os.strerror(-res)}")
+
+
+def _tty_fd(engine_pid: int, rdev: int) -> int | None:
+    """The lowest fd of the restored process on the terminal ``rdev``."""
     for name in sorted(os.listdir(f"/proc/{engine_pid}/fd"), key=int):
         try:
             st = os.stat(f"/proc/{engine_pid}/fd/{name}")
         except OSError:
             continue
-        if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == plan.ctty:
-            r.write(r.scratch, pgrp.to_bytes(4, "little"))
-            res = r.syscall("ioctl", int(name), TIOCSPGRP, r.scratch)
-            if res < 0:
-                raise RestoreError(f"session leader: cannot give its terminal to the "
-                                   f"foreground process group {pgrp}: {os.strerror(-res)}")
-            return
+        if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == rdev:
+            return int(name)
+    return None
 
 
 def _exists(pid: int) -> bool:

@@ -299,7 +299,7 @@ def _connect_accept(R: RestoreCore, it: Item, u) -> tuple[int, int]:
     if lst is None:
         raise R.fail(it, "the listener it was accepted by is not in this process")
     c = R.fresh(R.call("socket", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, it=it))
-    addr = struct.pack("=H", socket.AF_UNIX) + name + (b"\0" if name[0] != 0 else b"")
+    addr = _sockaddr_un(name)
     R.r.write(R.r.scratch + 2048, addr)
     R.call("connect", c, R.r.scratch + 2048, len(addr), it=it)
     s = R.fresh(R.call("accept4", lst.fd, 0, 0, socket.SOCK_CLOEXEC, it=it))
@@ -325,7 +325,7 @@ def _restore_single(R: RestoreCore, it: Item) -> None:
             if not path.startswith("/") or "\0" in path:
                 raise R.fail(it, f"socket path {path!r} is not absolute")
             _remove_stale(R, it, path)
-        addr = struct.pack("=H", socket.AF_UNIX) + u.name + (b"\0" if path else b"")
+        addr = _sockaddr_un(u.name)
         R.r.write(R.r.scratch + 2048, addr)
         R.call("bind", fd, R.r.scratch + 2048, len(addr), it=it)
         if path is not None:
@@ -338,14 +338,7 @@ def _restore_single(R: RestoreCore, it: Item) -> None:
                 raise R.fail(it, f"chown of {path}: {os.strerror(-res)}")
     if u.listening:
         R.call("listen", fd, min(u.backlog, 1 << 16), it=it)
-    copy = R.own_copy(fd)
-    try:
-        with socket.socket(fileno=copy) as s:
-            _options(R, it, s, u)
-    except OSError as exc:
-        raise R.fail(it, f"socket options: {exc.strerror or exc}") from None
-    R.setfl(fd, it)
-    R.place(fd, it)
+    _options_and_place(R, it, fd, u)
 
 
 def _restore_waiting(R: RestoreCore, it: Item) -> None:
@@ -357,9 +350,14 @@ def _restore_waiting(R: RestoreCore, it: Item) -> None:
     if u.type not in TYPES or not name or len(name) > SUN_PATH_MAX:
         raise R.fail(it, "waiting unix socket with an impossible type or listener name")
     fd = R.fresh(R.call("socket", socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC, 0, it=it))
-    addr = struct.pack("=H", socket.AF_UNIX) + name + (b"\0" if name[0] != 0 else b"")
+    addr = _sockaddr_un(name)
     R.r.write(R.r.scratch + 2048, addr)
     R.call("connect", fd, R.r.scratch + 2048, len(addr), it=it)
+    _options_and_place(R, it, fd, u)
+
+
+def _options_and_place(R: RestoreCore, it: Item, fd: int, u) -> None:
+    """``u``'s options (through the engine's own copy), flags, fd number."""
     copy = R.own_copy(fd)
     try:
         with socket.socket(fileno=copy) as s:
@@ -368,6 +366,11 @@ def _restore_waiting(R: RestoreCore, it: Item) -> None:
         raise R.fail(it, f"socket options: {exc.strerror or exc}") from None
     R.setfl(fd, it)
     R.place(fd, it)
+
+
+def _sockaddr_un(name: bytes) -> bytes:
+    """sockaddr_un of a name as sock_diag gives it (a path gets its NUL back)."""
+    return struct.pack("=H", socket.AF_UNIX) + name + (b"\0" if name[0] != 0 else b"")
 
 
 def _remove_stale(R: RestoreCore, it: Item, path: str) -> None:
