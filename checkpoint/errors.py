@@ -106,6 +106,12 @@ class RestoreError(CheckpointError):
     exit_code = 7
 
 
+class NetLockError(CheckpointError):
+    """The network lock of dumped TCP connections (nftables) could not be
+    made, handed over or removed; the message names the lock's table and
+    gives nft's error."""
+
+
 class TransportError(CheckpointError):
     """Live migration: the peer, the link or the stream failed (refused,
     wrong key, truncated or corrupt stream, timeout). Nothing partial is
