@@ -44,6 +44,7 @@ from .kernel.procfs import PAGE_SIZE
 from .objects import madvise
 from .objects import mm as mm_obj
 from .objects.files import dump_files
+from .objects.fds import tcpsk
 from .objects import process as proc_obj
 from .objects import pstree as tree_obj
 from .objects import signals as sig_obj
@@ -114,7 +115,7 @@ class Checkpointer:
                  prev_images_dir: str | os.PathLike | None = None,
                  action_scripts: list[str] | None = None, file_locks: bool = False,
                  skip_children: bool = False, tree: bool = True, pages_first: bool = False,
-                 freeze_cgroup: str | None = None):
+                 freeze_cgroup: str | None = None, tcp: str | None = None):
         if not isinstance(pid, int) or pid <= 0:
             raise UsageError(f"invalid PID {pid!r}")
         for name, v, lo, hi in (("compress_level", compress_level, 1, 22),
@@ -145,6 +146,14 @@ class Checkpointer:
         self.external_fds = external_fds
         #: dump file locks and take them again at restore (CRIU's --file-locks)
         self.file_locks = file_locks
+        #: TCP connections: "established" (CRIU's --tcp-established: locked
+        #: and repaired), "close" (--tcp-close: restored closed), None: refused
+        if tcp not in (None, "established", "close"):
+            raise UsageError(f"tcp must be 'established', 'close' or None, not {tcp!r}")
+        self.tcp = tcp
+        #: the final round's TCP connections (tcpsk.Connections): the lock
+        #: its dump left for the restore is ``net.lock``
+        self.net: tcpsk.Connections | None = None
         #: dump a process that has children alone (they are not in the image)
         self.skip_children = skip_children
         #: dump the process with all its descendants (CRIU's -t); off: a
@@ -365,6 +374,8 @@ class Checkpointer:
         root_tracker = self.tracker
         kind = KIND_DUMP if final else KIND_PREDUMP
         writer = self._open_writer(kind, root_tracker.name)
+        if final:
+            self.net = tcpsk.Connections(self.tcp)
         progress = Progress("dump" if final else "pre-dump", enabled=self.progress)
         tree: FrozenTree | None = None
         lost: dict[int, list[tuple[int, int]]] = {}  # ranges that vanished before they were read
@@ -560,6 +571,7 @@ class Checkpointer:
                 hooks.run(self.action_scripts, "post-dump", pid=self.pid,
                           images_dir=self.images_dir)
             except BaseException:
+                self._resume_net()
                 if tree.threads:
                     tree.thaw()
                 raise
@@ -570,6 +582,7 @@ class Checkpointer:
                 if final and commit is not None:
                     commit()
             except BaseException as exc:
+                self._resume_net()
                 if tree.threads:
                     tree.thaw()
                 for tr in [self.tracker, *self.trackers.values()]:
@@ -577,10 +590,12 @@ class Checkpointer:
                 raise
         if final:
             if leave_running:
+                self._resume_net()
                 tree.thaw()
             else:
                 tree.kill()
                 log.info("killed %s", ", ".join(str(p.pid) for p in procs))
+                self.net.close(self.images_dir)   # (in repair mode: no FIN, no RST)
         if self.store is None and (not final or leave_running):
             self._remember(st)
         return DumpStats(layer=st.index, kind=kind, tracker=root_tracker.name,
@@ -678,6 +693,7 @@ class Checkpointer:
         cleared the dirty bits for the layer that was lost; an incremental
         layer after it would miss those pages."""
         writer.abort()
+        self._resume_net()
         if tree is not None and tree.threads:
             tree.thaw()
         for tr in [self.tracker, *self.trackers.values()]:
@@ -685,6 +701,12 @@ class Checkpointer:
                 continue
             tr.reset(f"the previous round failed before its layer was published "
                      f"({type(exc).__name__})")
+
+    def _resume_net(self) -> None:
+        """The final round's connections back to normal, their lock released
+        (the process runs on)."""
+        if self.net is not None:
+            self.net.resume()
 
     # -- pieces ---------------------------------------------------------------
 
@@ -742,7 +764,7 @@ class Checkpointer:
             # the engine's own fds parked there, by any chain or engine run
             out["files"] = dump_files(proc, external=self.external_fds,
                                       exclude_fds=parked.engine_fds(pid),
-                                      file_locks=self.file_locks)
+                                      file_locks=self.file_locks, tcp=self.net)
         out["_vmas"] = vmas
         return out
 

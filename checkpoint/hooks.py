@@ -2,7 +2,10 @@
 fixed points, with the point in the environment.
 
     CHECKPOINT_ACTION (and CRIU's CRTOOLS_SCRIPT_ACTION) = pre-dump, post-dump,
-        pre-restore, post-restore, pre-resume, post-resume
+        pre-restore, post-restore, pre-resume, post-resume, network-unlock
+        (migrate: the copy runs on the destination and the source is gone;
+        its TCP connections' lock is released right after: move their
+        address to the destination there)
     CHECKPOINT_PID (and CRTOOLS_INIT_PID) = the target's PID (as the engine sees it)
     CHECKPOINT_IMAGES_DIR = the images directory
 
@@ -21,7 +24,8 @@ import sys
 
 from .errors import CheckpointError
 
-ACTIONS = ("pre-dump", "post-dump", "pre-restore", "post-restore", "pre-resume", "post-resume")
+ACTIONS = ("pre-dump", "post-dump", "pre-restore", "post-restore", "pre-resume", "post-resume",
+           "network-unlock")
 
 
 def run(scripts, action: str, *, pid: int | None = None, images_dir: str = "",

@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from . import hooks
 from .dumper import Checkpointer
 from .errors import CheckpointError, TransportError, UsageError
 from .progress import Progress
@@ -90,11 +91,15 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
             auto_converge: bool = False, track: str = "auto", threads: int = 0,
             compress_level: int = 1, progress: bool | None = None,
             timeout: float = 60.0, skip_children: bool = False, file_locks: bool = False,
-            external_fds: bool = False) -> MigrationStats:
+            external_fds: bool = False, tcp: str | None = None,
+            action_scripts: list[str] | None = None) -> MigrationStats:
     """Migrate process ``pid`` to the page server at ``to`` (HOST:PORT).
-    ``skip_children``, ``file_locks``, ``external_fds``: as for a dump
-    (Checkpointer); an external fd needs its stand-in on the destination
-    (page-server --inherit-fd)."""
+    ``skip_children``, ``file_locks``, ``external_fds``, ``tcp``: as for a
+    dump (Checkpointer); an external fd needs its stand-in on the
+    destination (page-server --inherit-fd). ``action_scripts`` run at
+    network-unlock: the copy runs, the source is gone, and the source's
+    lock on the TCP connections goes right after (hooks.py): where the
+    connections' address moves to the destination."""
     if downtime_limit_ms <= 0 or max_rounds < 0:
         raise UsageError("the downtime limit must be positive and max_rounds >= 0")
     t_start = time.perf_counter()
@@ -115,7 +120,7 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
                           compress_level=compress_level, progress=False,
                           count_skipped=False, skip_children=skip_children,
                           file_locks=file_locks, external_fds=external_fds,
-                          pages_first=True) as ck:
+                          pages_first=True, tcp=tcp) as ck:
             predicted = _precopy(ck, chain, stats, downtime_limit_ms, max_rounds,
                                  auto_converge, bar)
             stats.predicted_downtime_ms = predicted
@@ -135,6 +140,12 @@ def migrate(pid: int, to: str, *, downtime_limit_ms: float = 50.0, max_rounds: i
             with _locks_warm() as warm:
                 marks["warm"] = warm
                 st = ck.dump(commit=commit)
+            if ck.net.locks:
+                try:
+                    hooks.run(action_scripts, "network-unlock", pid=answer.get("pid"),
+                              images_dir=stats.remote_images, fatal=False)
+                finally:
+                    ck.net.release()
         stats.rounds += 1
         stats.per_round.append(RoundStats(st.pages_written, st.bytes_stored,
                                           st.frozen_ms, st.frozen_ms))

@@ -48,7 +48,7 @@ from .images.format import KIND_DUMP
 from .inject import Injector, ProcMem
 from .kernel import procfs
 from .kernel import ptrace as pt
-from .kernel.syscalls import NR, clone_args, libc, pidfd_open, raw_syscall
+from .kernel.syscalls import NR, clone_args, fork_syscall, libc, pidfd_open
 from .objects import madvise
 from .objects import mm as mm_obj
 from .objects import process as proc_obj
@@ -56,6 +56,7 @@ from .objects import pstree as tree_obj
 from .objects import sched as sched_obj
 from .objects import session as session_obj
 from .objects import timers as timer_obj
+from .objects.fds import tcpsk
 from .objects.files import open_path, premake_memfds, pull_tree_fds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
 from .progress import Progress
@@ -212,7 +213,7 @@ def _clone_with_pid(pid: int) -> int:
     give_up = time.monotonic() + 3
     while True:
         try:
-            return raw_syscall(NR["clone3"], ctypes.addressof(args), ctypes.sizeof(args))
+            return fork_syscall(NR["clone3"], ctypes.addressof(args), ctypes.sizeof(args))
         except OSError as exc:
             if exc.errno == errno.EEXIST and time.monotonic() < give_up and \
                     _task_state(pid) in ("Z", "X", ""):
@@ -562,6 +563,9 @@ class _Builder:
         #: (maker's dumped PID, fd in it), shared by the tree's builders
         self.unix_spares: dict[int, tuple[int, int]] = {}
         self.spare_fds: list[int] = []   # those fds of this process, closed at the end
+        #: TCP connections made in repair mode, resumed once every process
+        #: of the tree is built (tcpsk.Repairs; None: by restore_files)
+        self.tcp = None
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -639,7 +643,8 @@ class _Builder:
         made: dict[int, int] = {}
         with privs.as_dumped():
             restore_files(r, rec["files"], inherit=self.inherit, privs=privs,
-                          premade=self.premade, tree_links=links, unix_spares=made)
+                          premade=self.premade, tree_links=links, unix_spares=made,
+                          tcp=self.tcp)
         for inode, fd in made.items():   # ends of pairs a later process takes
             self.unix_spares[inode] = (rec["pstree"].pid, fd)
             self.spare_fds.append(fd)
@@ -1101,13 +1106,14 @@ class _Builder:
 
 
 def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_block: str,
-                session, progress) -> int:
+                session, progress, repairs=None) -> int:
     """Build every process of ``nodes`` (the root's placeholder is in
     ``procs``, which gets the others as they are forked): the forks first,
     each from its parent's placeholder with its PID, sessions at the fork,
     then the process groups and the zombies, then each live process in the
     tree's order (the objects it shares come from processes built before
-    it). Returns the pages written."""
+    it). Returns the pages written. ``repairs`` (tcpsk.Repairs) gets the
+    TCP connections, for the caller to resume once the tree is built."""
     root = nodes[0]
     timeout = procs[root.pid].timeout
     engine_pids: dict[int, int] = {}
@@ -1134,6 +1140,7 @@ def _build_tree(chain, nodes, procs: dict, inherit: dict[str, int], restart_bloc
                                          how=f"session leader {n.pid}")
         b.groups = groups
         b.unix_spares = spares
+        b.tcp = repairs
         b.progress, b.engine_pids = progress, engine_pids
         b._what = "start"
         return b
@@ -1402,9 +1409,12 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
     images_dir = os.fspath(images_dir)
     hooks.run(action_scripts, "pre-restore", images_dir=images_dir)
     chain, nodes = _load(images_dir, sign_key)
+    # the dump's network locks go with this restore, also when it fails
+    repairs = tcpsk.Repairs()
     try:
         rec = nodes[0].rec
         live = [n for n in nodes if n.rec is not None]
+        repairs.expect([n.rec["files"] for n in live])
         creds = proc_obj.caller_creds()
         for n in live:
             check_images(n.rec["process"], n.rec["mm"])
@@ -1451,7 +1461,8 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
             try:
                 _trace_options(proc, seccomp)
                 pages = _build_tree(chain, nodes, procs, {**keys, **inherit}, restart_block,
-                                    session, progress)
+                                    session, progress, repairs)
+                repairs.resume()   # every process is built: the connections' lock goes
                 hooks.run(action_scripts, "post-restore", pid=pid, images_dir=images_dir)
                 check_stop()  # the last chance: from the thaw on it runs
                 hooks.run(action_scripts, "pre-resume", pid=pid, images_dir=images_dir)
@@ -1466,6 +1477,9 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
             spawned.kill()
             raise
         spawned.close()
+    except BaseException:
+        repairs.abort()
+        raise
     finally:
         chain.close()
     ms = (time.perf_counter() - t0) * 1e3

@@ -45,6 +45,7 @@ from .images import format as F
 from .inject import Injector
 from .kernel.syscalls import IOV_MAX, NR, Py_buffer, _GetBuffer, _ReleaseBuffer, raw_syscall
 from .objects import mm as mm_obj
+from .objects.fds import tcpsk
 from .objects import process as proc_obj
 from .objects import session as session_obj
 
@@ -93,6 +94,7 @@ class Stager:
         self.restore_ms = 0.0              # the final layer's share: apply + finish
         self.running = False
         self.restored: R.Restored | None = None
+        self.repairs: tcpsk.Repairs | None = None
 
     # -- the steps --------------------------------------------------------------
     def apply(self, layer) -> None:
@@ -123,11 +125,15 @@ class Stager:
                 self._start(rec)
             b = self.builder
             b.rec = rec
+            # the connections' address moves here once the copy runs; the
+            # source's lock is the source's to release
+            b.tcp = self.repairs = tcpsk.Repairs(transparent=True, release_locks=False)
             R._trace_options(self.proc, any(c.seccomp_mode for c in rec["core"]))
             with Injector(self.proc, self.proc.pid, safe=False) as r:
                 self._memory(r, rec, layer)
                 b.finish(r)
             b.check_applied()
+            self.repairs.resume()
             self.spawned.release_keeper()
             self.proc.thaw()
             self.running = True
@@ -149,6 +155,9 @@ class Stager:
 
     def abort(self) -> None:
         """Kill whatever was staged (also a copy that already runs)."""
+        if self.repairs is not None:
+            self.repairs.abort()
+            self.repairs = None
         if self.proc is not None and self.proc.threads:
             try:
                 self.proc.kill()

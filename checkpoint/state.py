@@ -174,7 +174,15 @@ KINDS: tuple[Kind, ...] = (
          note="protocol, port id, multicast groups, peer, options"),
     Kind("files", "netlink sockets with a message unread", REFUSED, "objects/fds/nlsk.py",
          option="--external-fds", note="its messages are the kernel's"),
-    Kind("files", "TCP connections, TCP listeners with connections waiting, UDP sockets with "
+    Kind("files", "established TCP connections (IPv4, IPv6)", OPTION, "objects/fds/tcpsk.py",
+         option="--tcp-established",
+         note="TCP_REPAIR: sequence numbers, both queues (sent and unsent apart), MSS, "
+              "window scale, SACK, timestamps, window; packets dropped by a nftables lock "
+              "from the dump to the restore; --tcp-close restores them closed instead"),
+    Kind("files", "half-closed TCP connections (FIN_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING), "
+         "connecting ones (SYN_SENT)", REFUSED, "objects/fds/tcpsk.py",
+         option="--tcp-close", note="restored closed with --tcp-close"),
+    Kind("files", "TCP listeners with connections waiting, UDP sockets with "
          "unread data, packet and other sockets", REFUSED, "objects/fds/inetsk.py",
          option="--external-fds",
          note="left to the restore side, which gives a stand-in with --inherit-fd"),

@@ -66,7 +66,18 @@ def register(sub) -> None:
     p.add_argument("--external-fds", action="store_true",
                    help="record unsupported fds (sockets ...) as external instead of "
                         "failing; restore them with --inherit-fd")
+    tcp_options(p)
     p.set_defaults(func=run, final=True)
+
+
+def tcp_options(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tcp-established", dest="tcp", action="store_const", const="established",
+                   help="dump established TCP connections through TCP_REPAIR (their packets "
+                        "are dropped by a nftables rule from the dump until the restore); "
+                        "without it or --tcp-close a target holding one is refused")
+    g.add_argument("--tcp-close", dest="tcp", action="store_const", const="close",
+                   help="restore TCP connections closed (their peers see them end)")
 
 
 def run(args) -> int:
@@ -80,7 +91,7 @@ def run(args) -> int:
                       compress_level=args.compress_level, threads=args.threads,
                       max_pages=args.max_pages,
                       external_fds=getattr(args, "external_fds", False),
-                      file_locks=args.file_locks,
+                      file_locks=args.file_locks, tcp=getattr(args, "tcp", None),
                       skip_children=args.skip_children,
                       freeze_cgroup=args.freeze_cgroup,
                       sign_key=load_sign_key(args.sign_key) if args.sign_key else None,

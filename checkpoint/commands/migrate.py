@@ -83,6 +83,12 @@ def register(sub) -> None:
     p.add_argument("--external-fds", action="store_true",
                    help="record unsupported fds as external (as for dump); give their "
                         "stand-ins to page-server --inherit-fd")
+    from .dump import tcp_options
+    tcp_options(p)
+    p.add_argument("--action-script", action="append", default=[], metavar="FILE",
+                   help="run FILE at network-unlock (CHECKPOINT_ACTION): the copy runs on the "
+                        "destination and the source is gone; the source's lock on the TCP "
+                        "connections is released right after: move their address there")
     _auth(p, server=False)
     p.set_defaults(func=run_migrate)
 
@@ -133,7 +139,8 @@ def run_migrate(args) -> int:
                  auto_converge=args.auto_converge, track=args.track, threads=args.threads,
                  compress_level=args.compress_level, progress=None if not args.json else False,
                  timeout=args.timeout, skip_children=args.skip_children,
-                 file_locks=args.file_locks, external_fds=args.external_fds)
+                 file_locks=args.file_locks, external_fds=args.external_fds, tcp=args.tcp,
+                 action_scripts=args.action_script)
     if args.json:
         from ..cli import emit_json
         emit_json(st.as_json())

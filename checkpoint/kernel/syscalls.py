@@ -47,6 +47,30 @@ def raw_syscall(nr: int, *args: int) -> int:
     return res
 
 
+_fork_syscall = ctypes.PyDLL(libc._name, use_errno=True).syscall
+_fork_syscall.restype = ctypes.c_long
+
+
+def fork_syscall(nr: int, *args: int) -> int:
+    """A syscall that forks this process (clone3 with set_tid), made as
+    os.fork makes fork: holding the GIL (a ctypes call through CDLL lets
+    it go, and a child forked while another thread of the engine had
+    taken it would wait for it forever), between PyOS_BeforeFork and
+    PyOS_AfterFork_Parent/Child. Returns 0 in the child, else the child's
+    PID; raises OSError(errno)."""
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    res = _fork_syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    e = ctypes.get_errno()
+    if res == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    api.PyOS_AfterFork_Parent()
+    if res == -1:
+        raise OSError(e, f"{SYSCALL_NAME.get(nr, nr)}: {os.strerror(e)}")
+    return res
+
+
 def pidfd_open(pid: int, flags: int = 0) -> int:
     return raw_syscall(NR["pidfd_open"], pid, flags)
 

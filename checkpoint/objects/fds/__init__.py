@@ -38,7 +38,7 @@ from ...images.pb import files_pb2
 from ...inject import Injector
 from ...kernel import procfs
 from . import (devnull, epoll, eventfd, inotify, locks, memfd, pipe, procfile, refused,
-               regfile, signalfd, timerfd, tty, unixsk, inetsk, nlsk)
+               regfile, signalfd, tcpsk, timerfd, tty, unixsk, inetsk, nlsk)
 from .base import (CHECKS, MAX_CONTENT, DumpCtx, FdEntry, FdKind, FilesEntry, Item, Probe,
                    RestoreCore, fd_keys, link_kind, open_path, opt)  # noqa: F401
 from .fs import dump_fs, restore_fs
@@ -79,7 +79,8 @@ for _k in KINDS:
 
 def dump_files(proc: FrozenProcess, *, external: bool = False,
                exclude_fds: Iterable[int] = frozenset(),
-               max_content: int = MAX_CONTENT, file_locks: bool = False) -> FilesEntry:
+               max_content: int = MAX_CONTENT, file_locks: bool = False,
+               tcp=None) -> FilesEntry:
     """The fd table, cwd, root and umask of the frozen process ``proc``.
 
     Nothing of the target's state changes: pipe contents are copied with
@@ -87,13 +88,14 @@ def dump_files(proc: FrozenProcess, *, external: bool = False,
     naming the fd, or with ``external`` is recorded as an FD_UNKNOWN entry
     that the restore must get through ``inherit``. Locks held through an fd
     raise UnsupportedObject unless ``file_locks``. ``exclude_fds`` are the
-    engine's own fds parked in the target."""
+    engine's own fds parked in the target. ``tcp``: the round's
+    tcpsk.Connections (how TCP connections are taken; None: refused)."""
     pid = proc.pid
     exclude = set(exclude_fds)
     entry = FilesEntry(pid=pid)
     dump_fs(pid, entry)
     ctx = DumpCtx(pid, max_content, external=external, file_locks=file_locks,
-                  tids=tuple(getattr(proc, "tids", ()) or ()))
+                  tids=tuple(getattr(proc, "tids", ()) or ()), tcp=tcp)
     try:
         for info in procfs.read_fds(pid):
             if info.fd not in exclude:
@@ -149,7 +151,7 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
                   keep: Iterable[int] = (), privs=None,
                   premade: dict[tuple[int, int], int] | None = None,
                   tree_links: dict[int, int] | None = None,
-                  unix_spares: dict[int, int] | None = None) -> None:
+                  unix_spares: dict[int, int] | None = None, tcp=None) -> None:
     """Give the frozen placeholder behind ``remote`` the fd table, cwd, root and
     umask of ``entry``.
 
@@ -175,12 +177,24 @@ def restore_files(remote: Injector, entry: FilesEntry, *,
     ``tree_links``: fd -> placeholder fd, for the fds another process of
     the tree holds too (FdEntry.tree_pid; ``pull_tree_fds`` got them): the
     same description is placed as it is, another description of the inode
-    is opened through it."""
+    is opened through it.
+
+    ``tcp``: the restore's tcpsk.Repairs, where TCP connections made in
+    repair mode wait until every process is built (the caller resumes
+    them); None: they are resumed here, once every fd is in place."""
     r = _Restorer(remote, entry, dict(inherit or {}), ghost_dir, set(keep), privs)
     r.premade = dict(premade or {})
     r.tree_links = dict(tree_links or {})
     r.unix_spares = unix_spares if unix_spares is not None else {}
-    r.run()
+    r.tcp = tcp if tcp is not None else tcpsk.Repairs()
+    try:
+        r.run()
+        if tcp is None:
+            r.tcp.resume()
+    except BaseException:
+        if tcp is None:
+            r.tcp.abort()
+        raise
 
 
 def pull_tree_fds(remote: Injector, entry: FilesEntry,

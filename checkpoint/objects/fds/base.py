@@ -118,6 +118,7 @@ class DumpCtx:
     tids: tuple[int, ...] = ()
     pidfd: int = -1
     kcmp_ok: bool = True
+    tcp: object = None   # tcpsk.Connections of the round (--tcp-established/--tcp-close)
     by_inode: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     first_of_inode: dict[tuple[int, int], int] = field(default_factory=dict)
     entries: dict[int, FdEntry] = field(default_factory=dict)  # fd -> entry, in fd order
@@ -236,6 +237,7 @@ class RestoreCore:
         self.inherited: set[int] = set()  # fds given a stand-in (the restorer's own)
         self.winch_sent = False
         self._boot_id: str | None = None
+        self.tcp = None   # tcpsk.Repairs: connections made in repair mode
 
     def fail(self, it: Item, what: str) -> RestoreError:
         return RestoreError(f"fd {it.fd} ({it.e.path}): {what}")
