@@ -31,6 +31,8 @@ from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import accumulate, compress, islice, repeat
+from operator import add, lt
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -164,6 +166,11 @@ class _Files:
             if self.dir_fd >= 0:
                 os.close(self.dir_fd)
                 self.dir_fd = -1
+
+
+#: a layer's entries of one pid up to this many are sorted at once (a list of
+#: their indexes, ~80 bytes an entry for a moment); more are merged lazily
+_SORT_AT_ONCE = 1 << 18
 
 
 class Layer:
@@ -389,11 +396,18 @@ class Layer:
         self.runs: dict[int, tuple[array, array, array, array]] = {}
         for pid, (starts, ends, fnos, offs, pms) in cols.items():
             n = len(starts)
-            breaks = [i for i in range(1, n) if starts[i] < starts[i - 1]]
-            if breaks:
+            if n <= _SORT_AT_ONCE and any(map(lt, islice(starts, 1, None), starts)):
                 # The writer's entries come as a few ascending sequences (data
-                # and zero entries of each pagemap): merge those lazily; only
-                # a file in no order at all pays for a full sort.
+                # and zero entries of each pagemap): timsort merges those, in C
+                order = sorted(range(n), key=starts.__getitem__)
+                starts, ends, fnos, offs, pms = (array(c.typecode, map(c.__getitem__, order))
+                                                 for c in (starts, ends, fnos, offs, pms))
+                del order
+            breaks = [i for i in range(1, n) if starts[i] < starts[i - 1]] \
+                if n > _SORT_AT_ONCE else ()
+            if breaks:
+                # a larger layer: merged lazily (no list of every entry); only
+                # a file in no order at all pays for a full sort
                 if len(breaks) < 64:
                     bounds = [0] + breaks + [n]
                     order = heapq.merge(*(range(a, b) for a, b in zip(bounds, bounds[1:])),
@@ -410,10 +424,10 @@ class Layer:
                     npm.append(pms[i])
                 del order
                 starts, ends, fnos, offs, pms = ns, ne, nf, no, npm
-            for i in range(1, n):
-                if starts[i] < ends[i - 1]:
-                    raise self._err(f"pagemap block: pid {pid}: page {starts[i]:#x} appears "
-                                    f"twice in this layer", self.pagemap_offsets[pms[i]])
+            if any(map(lt, islice(starts, 1, None), ends)):
+                i = next(i for i in range(1, n) if starts[i] < ends[i - 1])
+                raise self._err(f"pagemap block: pid {pid}: page {starts[i]:#x} appears "
+                                f"twice in this layer", self.pagemap_offsets[pms[i]])
             self.runs[pid] = (starts, ends, fnos, offs)
 
     def _check_inventory(self, inv, pos: int) -> None:
@@ -462,9 +476,12 @@ class Layer:
         ps = self.inventory.page_size
         limit = F.USER_ADDR_LIMIT
         fno = pm.frame if has_frame else -1
+        pm_index = len(self.pagemap_offsets)    # this block's, once appended
+        got = self._add_pagemap_fast(pm, cols, fno, pm_index)
+        if got is not None:
+            return got
         off = 0
         pages = zero = 0
-        pm_index = len(self.pagemap_offsets)    # this block's, once appended
         for i, (pid, addr, npages, flags) in enumerate(zip(pm.pid, pm.vaddr, pm.npages,
                                                            pm.flags)):
             if not 0 < pid <= F.MAX_PID:
@@ -506,6 +523,47 @@ class Layer:
             raise self._err(f"pagemap block: entries describe {off} bytes but frame {fno} "
                             f"holds {self.frames[fno].raw}", pos)
         return pages, zero, n
+
+    def _add_pagemap_fast(self, pm, cols, fno: int, pm_index: int):
+        """:meth:`_add_pagemap` of a block of one pid that passes every check
+        (the writer's: one pid a block in a single-process dump), by columns
+        in C-speed passes instead of a Python step an entry: (pages, zero
+        pages, entries), or None (more pids, or some check fails: the
+        entry-by-entry walk then names the entry)."""
+        pids = list(pm.pid)
+        n = len(pids)
+        if not n:
+            return None
+        pid = pids[0]
+        if pids.count(pid) != n or not 0 < pid <= F.MAX_PID or (
+                pid not in cols and len(cols) >= F.MAX_LAYER_PIDS):
+            return None
+        ps = self.inventory.page_size
+        vaddr, npages, flags = list(pm.vaddr), list(pm.npages), list(pm.flags)
+        if 0 in npages or any(map(ps.__rmod__, vaddr)):
+            return None
+        sizes = list(map(ps.__mul__, npages))
+        ends = list(map(add, vaddr, sizes))
+        if max(ends) > F.USER_ADDR_LIMIT:     # (vaddr below it too: npages > 0)
+            return None
+        data = [f == F.PE_DATA for f in flags]
+        ndata = data.count(True)
+        if ndata + flags.count(F.PE_ZERO) != n or (ndata and fno < 0):
+            return None
+        used = sum(compress(sizes, data))
+        if fno >= 0 and used != self.frames[fno].raw:
+            return None
+        c = cols.get(pid)
+        if c is None:
+            c = cols[pid] = (array("Q"), array("Q"), array("i"), array("i"), array("I"))
+        offs = iter(accumulate(compress(sizes, data), initial=0))
+        c[0].extend(vaddr)
+        c[1].extend(ends)
+        c[2].extend([fno if d else -1 for d in data])
+        c[3].extend([next(offs) if d else -1 for d in data])
+        c[4].extend(repeat(pm_index, n))
+        pages = used // ps
+        return pages, sum(npages) - pages, n
 
     def _check_trailer(self, tr, pages: int, zero: int, pos: int) -> None:
         def bad(what):
@@ -929,26 +987,90 @@ class Chain:
         ps = self.page_size
         if max_run < ps or max_run % ps:
             raise ValueError(f"max_run must be a positive multiple of {ps}")
-        segs = self.segments(pid)
-        if within is not None:
-            segs = _clip(segs, _spans(within, ps))
-        # one pass to count each frame's uses (kept as arrays), one to yield
-        cs, ce, cl, cf, co = array("Q"), array("Q"), array("i"), array("i"), array("i")
+        zeros = memoryview(bytes(max_run)) if zero_data else None
+        for s, size, buf, off in self._pieces(pid, within, True):
+            e = s + size
+            if buf is None:
+                if zeros is None:
+                    yield PageRun(s, size // ps, None, True)
+                    continue
+                a = s
+                while a < e:
+                    n = min(e - a, max_run)
+                    yield PageRun(a, n // ps, zeros[:n], True)
+                    a += n
+                continue
+            a = s
+            while a < e:
+                n = min(e - a, max_run)
+                o = off + (a - s)
+                yield PageRun(a, n // ps, buf[o:o + n], False)
+                a += n
+
+    def iter_data(self, pid: int, *, within=None) -> Iterator[tuple[int, int, memoryview, int]]:
+        """The data pages of ``pid`` (zero pages left out) in address order,
+        as (address, bytes, frame, offset): ``frame`` a memoryview of the
+        whole decompressed frame (one object for all of its pieces), the
+        pages at ``frame[offset:offset + bytes]``. :meth:`iter_runs` without
+        a Python object a run, and pieces not joined (a run cut by a frame
+        boundary, entries side by side in one frame, come as they are in
+        the layer): for a writer that joins and batches many pieces of one
+        frame into one call (pagewrite.py). ``within`` as there."""
+        return self._pieces(pid, within, False)
+
+    def _pieces(self, pid: int, within, zeros: bool):
+        """(address, bytes, frame memoryview or None for zero pages, offset)
+        in address order, zero pieces only with ``zeros``; each frame read
+        once, ahead on the workers, and dropped after its last piece."""
+        holders = [li for li, layer in enumerate(self.layers) if layer.runs.get(pid)]
+        if not zeros and len(holders) == 1:
+            # the pid's pages in one layer: its columns as they are, no Python
+            # step a segment to join neighbours (the caller's writes join them)
+            li = holders[0]
+            starts, ends, fnos, offs = self.layers[li].runs[pid]
+            segs = zip(starts, ends, repeat(li), fnos, offs)
+        else:
+            segs = self.segments(pid)
+        spans = _spans(within, self.page_size) if within is not None else None
+        # one pass to clip to the spans (two pointers, linear in both) and
+        # count each frame's uses (kept as arrays), one to yield
+        cs, cn, cl, cf, co = array("Q"), array("Q"), array("i"), array("i"), array("i")
         uses: dict[tuple[int, int], int] = {}
         order = []
+        j, nsp = 0, len(spans) if spans is not None else 0
         for s, e, li, fno, off in segs:
-            cs.append(s)
-            ce.append(e)
-            cl.append(li)
-            cf.append(fno)
-            co.append(off)
-            if fno >= 0:
+            if fno < 0:
+                if not zeros:
+                    continue
+                off = 0
+            if spans is None:
+                cs.append(s)
+                cn.append(e - s)
+                cl.append(li)
+                cf.append(fno)
+                co.append(off)
+                hits = 1
+            else:
+                while j < nsp and spans[j][1] <= s:
+                    j += 1
+                k = j
+                while k < nsp and spans[k][0] < e:
+                    a, b = spans[k]
+                    a = a if a > s else s
+                    b = b if b < e else e
+                    cs.append(a)
+                    cn.append(b - a)
+                    cl.append(li)
+                    cf.append(fno)
+                    co.append(off + (a - s) if fno >= 0 else 0)
+                    k += 1
+                hits = k - j
+            if fno >= 0 and hits:
                 key = (li, fno)
                 if key not in uses:
                     order.append(key)
                     uses[key] = 0
-                uses[key] += 1
-        zeros = memoryview(bytes(max_run)) if zero_data else None
+                uses[key] += hits
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd-r") \
             if self.threads > 1 and len(order) > 1 else None
         pending: dict[tuple[int, int], object] = {}
@@ -960,16 +1082,9 @@ class Chain:
             return self.layers[key[0]].read_frame(key[1], self._dctx())
 
         try:
-            for s, e, li, fno, off in zip(cs, ce, cl, cf, co):
+            for s, n, li, fno, off in zip(cs, cn, cl, cf, co):
                 if fno < 0:
-                    if zeros is None:
-                        yield PageRun(s, (e - s) // ps, None, True)
-                        continue
-                    a = s
-                    while a < e:
-                        n = min(e - a, max_run)
-                        yield PageRun(a, n // ps, zeros[:n], True)
-                        a += n
+                    yield s, n, None, 0
                     continue
                 key = (li, fno)
                 if key not in loaded:
@@ -985,13 +1100,7 @@ class Chain:
                         loaded[key] = memoryview(pending.pop(key).result())
                     else:
                         loaded[key] = memoryview(load(key))
-                buf = loaded[key]
-                a = s
-                while a < e:
-                    n = min(e - a, max_run)
-                    o = off + (a - s)
-                    yield PageRun(a, n // ps, buf[o:o + n], False)
-                    a += n
+                yield s, n, loaded[key], off
                 uses[key] -= 1
                 if uses[key] == 0:
                     del loaded[key]
