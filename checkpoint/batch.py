@@ -6,7 +6,10 @@ for one ptrace round trip.
                                 ("mprotect", addr, size, PROT_READ)])
 
 Each entry is ``(nr, a0, ..., a5[, expect])`` (missing arguments are 0; ``nr``
-a number or a name). The table stops at the first entry whose result is an
+a number or a name); or the whole table is an ``array('Q')`` already in the
+routine's layout, 8 words an entry: ``nr | EXPECT``, a0..a5, ``expect`` (or
+``nr`` and 0 for no expectation), for a caller that builds thousands of
+entries without a tuple each. The table stops at the first entry whose result is an
 error (-4095..-1), or, when ``expect`` is an int, whose result is not
 ``expect`` (an mmap must return its MAP_FIXED address); ``ANY`` as the last
 item (after any number of arguments) never stops. On a stop,
@@ -63,6 +66,8 @@ _TRAPPED = 0x51  # rip at the int3 stop: batch_trapped
 ANY = object()
 
 _EXPECT_FLAG, _ANY_FLAG = 1 << 32, 1 << 33
+#: or'ed into the first word of a packed entry that has an expectation
+EXPECT = _EXPECT_FLAG
 ENTRY_SIZE = 64
 RESULT_SIZE = 8
 #: smaller tables run one injected call per entry: setting up and removing
@@ -181,7 +186,9 @@ def run(remote: Injector, entries: Iterable[Entry], *, at: int | None = None,
     address of the area (``area_size(pages)`` bytes, mapped there with
     MAP_FIXED_NOREPLACE; a place none of the table's mappings covers), or
     None for one the kernel chooses."""
-    words = _pack(entries)
+    words = entries if isinstance(entries, array) else _pack(entries)
+    if words.typecode != "Q" or len(words) % 8:
+        raise ValueError("a packed batch table is an array('Q') of 8 words an entry")
     total = len(words) // 8
     if not total:
         return []

@@ -24,8 +24,10 @@ failed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import os
 import shutil
@@ -33,6 +35,7 @@ import signal
 import stat
 import struct
 import time
+from array import array
 from dataclasses import dataclass
 
 from . import batch, hooks
@@ -59,6 +62,7 @@ from .objects import timers as timer_obj
 from .objects.fds import tcpsk
 from .objects.files import open_path, premake_memfds, pull_tree_fds, restore_files
 from .objects.threads import restart_fixup, restore_seccomp
+from .pagewrite import PageWriter
 from .progress import Progress
 
 PAGE = procfs.PAGE_SIZE
@@ -66,6 +70,7 @@ TASK_SIZE = 0x7FFF_FFFF_F000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_DONTNEED = 4
 MAP_FIXED = 0x10
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
 O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
 AT_FDCWD = -100
 RSEQ_FLAG_UNREGISTER = 1
@@ -566,6 +571,7 @@ class _Builder:
         #: TCP connections made in repair mode, resumed once every process
         #: of the tree is built (tcpsk.Repairs; None: by restore_files)
         self.tcp = None
+        self._span_cache: tuple = (None, [])
 
     def run(self) -> None:
         """The whole build from a complete chain (``checkpoint restore``)."""
@@ -621,7 +627,7 @@ class _Builder:
             self.kept = {}
         # the scratch page where no dumped VMA will go: a MAP_FIXED
         # mapping landing on it would silently replace the staged paths
-        self.scratch_at = _free_page(rec["mm"].vmas)
+        self.scratch_at = _free_page_in(self._spans())
         r.map_scratch(self.scratch_at)
 
     def finish(self, r: Injector) -> None:
@@ -662,7 +668,7 @@ class _Builder:
         # every page is written by now (also the stager's final layer)
         self._what = "protection of read-only shared memory"
         for v in rec["mm"].vmas:
-            if _written_shared_ro(v, -1):
+            if v.flags & 0x01 and _written_shared_ro(v, -1):   # shared ones only
                 r.call("mprotect", v.start, v.end - v.start, v.prot)
         self._what = "madvise state, THP disable"
         madvise.apply_advice(r, rec["mm"], mm_obj.SPECIAL)
@@ -694,6 +700,14 @@ class _Builder:
             self._what = f"thread {tid} credentials"
             proc_obj.check_applied(self.pid, self._engine_tid.get(tid, tid), self.dumped,
                                    self._nnp(core), core.seccomp_mode)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """(start, end) of every VMA of the image, sorted: computed once per
+        mm record (a process with 30,000 mappings pays ~10 ms a pass)."""
+        mm = self.rec["mm"]
+        if self._span_cache[0] is not mm:
+            self._span_cache = (mm, sorted([(v.start, v.end) for v in mm.vmas]))
+        return self._span_cache[1]
 
     def _nnp(self, core) -> bool:
         return bool(core.no_new_privs or self.rec["process"].creds.no_new_privs)
@@ -822,18 +836,30 @@ class _Builder:
             if want:
                 self._what = "memfds of mappings"
                 self.premade.update(premake_memfds(r, files, sorted(want)))
-        # one batch of mmaps (batch.py), each checked to land at its address
-        table, named = [], []
-        nr_mmap, special = NR["mmap"], mm_obj.SPECIAL
+        # one batch of mmaps (batch.py), each checked to land at its address:
+        # packed here, 8 words an entry, with no tuple a VMA
+        table, named = array("Q"), []
+        put = table.extend
+        entry = NR["mmap"] | batch.EXPECT
+        special, kept, tree_maps = mm_obj.SPECIAL, self.kept, self.tree_maps
+        no_file = mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON
         try:
             for v in vmas:
                 path = v.path
-                if path in special or v.start in self.kept:
+                start = v.start
+                if path in special or start in kept:
                     continue
-                flags = (v.flags & ~0x20) | MAP_FIXED  # MAP_ANONYMOUS set below when needed
+                flags = v.flags
+                if not path and not flags & 0x01 and not v.inode and start not in tree_maps:
+                    # private anonymous memory (most VMAs of a big process): the short way
+                    put((entry, start, (v.end - start) & _U64, v.prot,
+                         flags | MAP_FIXED | 0x20, _U64, 0, start))
+                    named.append(v)
+                    continue
+                flags = (flags & ~0x20) | MAP_FIXED  # MAP_ANONYMOUS set below when needed
                 fd, off = -1, 0
                 file_backed = v.inode and not path.startswith(("[", "/memfd:")) and \
-                    not v.status & (mm_obj.VMA_DELETED | mm_obj.VMA_SHARED_ANON)
+                    not v.status & no_file
                 if file_backed:
                     self._what = _vma_what(v)
                     # a shared mapping that is writable, or may become so
@@ -847,8 +873,8 @@ class _Builder:
                         fd = self._open_checked(r, path, acc, (v.dev, v.inode), "mapped file")
                         opened[(path, acc)] = fd
                     off = v.offset
-                elif v.start in self.tree_maps:
-                    fd, off = self.tree_maps[v.start], v.offset
+                elif start in tree_maps:
+                    fd, off = tree_maps[start], v.offset
                 elif path.startswith("/memfd:") and (v.dev, v.inode) in self.premade:
                     fd, off = self.premade[(v.dev, v.inode)], v.offset
                 else:
@@ -856,14 +882,12 @@ class _Builder:
                 prot = v.prot
                 if flags & 0x01 and _written_shared_ro(v, fd):
                     prot |= mm_obj.PROT_READ | mm_obj.PROT_WRITE  # no forced write into it
-                start = v.start
-                table.append((nr_mmap, start, v.end - start, prot, flags, fd, off, start))
+                put((entry, start, (v.end - start) & _U64, prot, flags, fd & _U64, off, start))
                 named.append(v)
-            self._what = f"{len(table)} mappings"
-            spans = [(v.start, v.end) for v in self.rec["mm"].vmas]
+            self._what = f"{len(named)} mappings"
             try:
                 r.batch(table, at=batch.free_area(
-                    spans + [(r.scratch, r.scratch + PAGE)], batch.area_size()))
+                    self._spans() + [(r.scratch, r.scratch + PAGE)], batch.area_size()))
             except batch.BatchError as e:
                 self._what = _vma_what(named[e.index])
                 if e.errno is not None:
@@ -910,27 +934,34 @@ class _Builder:
         runs to them: an image's page entries outside cost nothing)."""
         pid = self.rec["pstree"].pid
         # a shared mapping of a memfd made from its fd shows the memfd's content
-        spans = sorted((v.start, v.end) for v in self.rec["mm"].vmas
-                       if v.path not in mm_obj.SPECIAL and not v.shared_pid
-                       and v.start not in self.kept
-                       and not v.status & mm_obj.VMA_CONTENT_IN_FILE
-                       and not (v.flags & 0x01 and v.path.startswith("/memfd:")
-                                and (v.dev, v.inode) in self.premade))
-        spans = sorted(spans + self._own_in_kept())
+        # (the chain sorts the spans)
+        special, kept, premade = mm_obj.SPECIAL, self.kept, self.premade
+        in_file = mm_obj.VMA_CONTENT_IN_FILE
+        spans = [(v.start, v.end) for v in self.rec["mm"].vmas
+                 if v.path not in special and not v.shared_pid and v.start not in kept
+                 and not v.status & in_file
+                 and not (v.flags & 0x01 and v.path.startswith("/memfd:")
+                          and (v.dev, v.inode) in premade)]
+        spans += self._own_in_kept()
         self._copy_from_parent()
-        fd = self.proc.mem.fd  # the injectors' own /proc/PID/mem
+        # many ranges a process_vm_writev (pagewrite.py); through the
+        # injectors' own /proc/PID/mem where it refuses
+        writer = PageWriter(self.proc.pid, self.proc.mem.fd)
         progress = Progress("restore", enabled=self.progress)
+        written = 0
         try:
             if progress.enabled:
                 progress.total(self.chain.data_pages(pid, spans))
-            for run in self.chain.iter_runs(pid, zero_data=False, within=spans):
-                if run.zero:
-                    continue  # fresh mappings are zero, or show their file
-                if os.pwrite(fd, run.data, run.addr) != len(run.data):
-                    raise RestoreError(f"short write of pages at {run.addr:#x}")
-                self.pages += run.npages
-                progress.advance(run.npages)
+            # zero pages are left out: fresh mappings are zero, or show their file
+            for addr, n, frame, off in self.chain.iter_data(pid, within=spans):
+                writer.add(frame, off, addr, n)
+                written += n
+                if progress.enabled:
+                    progress.advance(n // PAGE)
+            writer.flush()
+            self.pages += written // PAGE
         finally:
+            writer.release()
             progress.close()
 
     def _copy_from_parent(self) -> None:
@@ -945,7 +976,6 @@ class _Builder:
             raise RestoreError(f"memory shared with parent {self.parent_pid}, which was not "
                                "restored")
         kept = sorted((v.start, v.end) for v in self.kept.values())
-        from array import array
         rows = array("Q")
         for s, e in zip(cow[0::2], cow[1::2]):
             rows.extend((s, e, 0))
@@ -972,7 +1002,6 @@ class _Builder:
         then given this process's own pages from the image."""
         if not self.kept:
             return []
-        from array import array
         rows = array("Q")
         for v in self.kept.values():
             if not v.flags & 0x01:
@@ -1302,7 +1331,11 @@ def _refuse_lone_pipe_ends(fds, covered: dict[str, int], stdio: str, root_fds=()
 def _free_page(vmas) -> int:
     """The address of a page no VMA of the image covers (the highest hole
     below the highest VMA, above the usual mmap_min_addr)."""
-    spans = sorted((v.start, v.end) for v in vmas)
+    return _free_page_in(sorted([(v.start, v.end) for v in vmas]))
+
+
+def _free_page_in(spans: list[tuple[int, int]]) -> int:
+    """:func:`_free_page` of sorted (start, end) pairs."""
     top = TASK_SIZE
     for start, end in reversed(spans):
         if end <= top - PAGE:
@@ -1370,6 +1403,20 @@ def _tree_records(records, path: str) -> list:
     return nodes
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic garbage collector off for a restore: its passes over the
+    objects of a big image (30,000 VMAs) cost ~10% of the restore, and a
+    restore makes no cycles worth collecting in the meantime."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bool = False,
             pid_ns: bool = False,
             inherit_stdio: bool = True, inherit: dict[str, int] | None = None,
@@ -1384,7 +1431,7 @@ def restore(images_dir: str | os.PathLike, *, detach: bool = False, new_pids: bo
     # 0-2 that were pipes or terminals (default: "inherit" with inherit_stdio)
     # SIGINT/SIGTERM only set a flag meanwhile: checked between build steps
     # (interrupt.py); the commit point is the thaw
-    with stoppable():
+    with stoppable(), _gc_paused():
         check_stop()
         return _restore(images_dir, detach=detach, new_pids=new_pids, pid_ns=pid_ns,
                         inherit_stdio=inherit_stdio, inherit=inherit,
@@ -1415,6 +1462,9 @@ def _restore(images_dir, *, detach, new_pids, pid_ns, inherit_stdio, inherit,
         rec = nodes[0].rec
         live = [n for n in nodes if n.rec is not None]
         repairs.expect([n.rec["files"] for n in live])
+        # upb makes a Python object for a VMA each time a pass over mm.vmas
+        # reaches it, unless one is alive: held for the restore's dozen passes
+        vma_objects = [list(n.rec["mm"].vmas) for n in live]  # noqa: F841
         creds = proc_obj.caller_creds()
         for n in live:
             check_images(n.rec["process"], n.rec["mm"])

@@ -29,12 +29,10 @@ Between layers the placeholder stays stopped and traced by this thread.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import time
-from array import array
 
 from . import faults
 from . import restorer as R
@@ -43,11 +41,11 @@ from .errors import CheckpointError, InjectionError, Interrupted, RestoreError
 from .freezer import freeze_process
 from .images import format as F
 from .inject import Injector
-from .kernel.syscalls import IOV_MAX, NR, Py_buffer, _GetBuffer, _ReleaseBuffer, raw_syscall
 from .objects import mm as mm_obj
 from .objects.fds import tcpsk
 from .objects import process as proc_obj
 from .objects import session as session_obj
+from .pagewrite import PageWriter
 
 log = logging.getLogger("checkpoint.stager")
 PAGE = R.PAGE
@@ -246,7 +244,7 @@ class Stager:
         fd = self.proc.mem.fd
         starts, ends, fnos, offs = runs
         frames = _FramePrefetch(layer, [fno for fno in fnos if fno >= 0])
-        batch = _WriteBatch(self.proc.pid, fd)
+        batch = PageWriter(self.proc.pid, fd)
         try:
             i = 0
             for a, e, fno, off in zip(starts, ends, fnos, offs):
@@ -277,75 +275,6 @@ class Stager:
                 os.pwrite(fd, zero[:min(len(zero), e0 - o)], o)
         elif res < 0:
             raise RestoreError(f"madvise(DONTNEED) at {s0:#x}: {os.strerror(-res)}")
-
-
-class _WriteBatch:
-    """Pages written into the staged copy many ranges a call: one
-    process_vm_writev for up to IOV_MAX ranges of one frame (the final
-    layer's pages are mostly single pages scattered over the address space:
-    one pwrite each cost a syscall and a Python step a page). What
-    process_vm_writev cannot write (a mapping without PROT_WRITE: it does
-    not force like /proc/PID/mem) is written through /proc/PID/mem, range by
-    range, as before."""
-
-    def __init__(self, pid: int, fd: int):
-        self.pid, self.fd = pid, fd
-        self.frame = None            # the frame (bytes) the pending ranges come from
-        self.view = None             # its pinned buffer
-        self.local = array("Q")      # iovec pairs into the frame
-        self.remote = array("Q")     # iovec pairs in the copy
-        self.bytes = 0
-
-    def add(self, frame, off: int, addr: int, n: int) -> None:
-        if frame is not self.frame:
-            self.flush()
-            self._pin(frame)
-        rem = self.remote
-        if rem and rem[-2] + rem[-1] == addr and self.local[-2] + self.local[-1] == \
-                self.view.buf + off:
-            rem[-1] += n             # contiguous on both sides: one range
-            self.local[-1] += n
-        else:
-            if len(rem) >= 2 * IOV_MAX:
-                self.flush()
-            rem.extend((addr, n))
-            self.local.extend((self.view.buf + off, n))
-        self.bytes += n
-
-    def _pin(self, frame) -> None:
-        self.release()
-        obj = frame.obj if isinstance(frame, memoryview) and frame.obj is not None else frame
-        view = Py_buffer()
-        _GetBuffer(obj, ctypes.byref(view), 0)
-        self.view, self.frame = view, frame
-
-    def flush(self) -> None:
-        if not self.remote:
-            return
-        la, ln = self.local.buffer_info()
-        ra, rn = self.remote.buffer_info()
-        try:
-            got = raw_syscall(NR["process_vm_writev"], self.pid, la, ln // 2, ra, rn // 2, 0)
-        except OSError:
-            got = 0                  # e.g. EFAULT at the first range: all the sure way
-        if got != self.bytes:        # some range refused (or an error): the sure way
-            done = max(got, 0)
-            for k in range(0, len(self.remote), 2):
-                addr, n = self.remote[k], self.remote[k + 1]
-                if done >= n:
-                    done -= n
-                    continue
-                src = (ctypes.c_char * (n - done)).from_address(self.local[k] + done)
-                if os.pwrite(self.fd, src, addr + done) != n - done:
-                    raise RestoreError(f"short write of pages at {addr + done:#x}")
-                done = 0
-        del self.local[:], self.remote[:]
-        self.bytes = 0
-
-    def release(self) -> None:
-        if self.view is not None:
-            _ReleaseBuffer(ctypes.byref(self.view))
-            self.view = self.frame = None
 
 
 class _FramePrefetch:

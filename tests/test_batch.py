@@ -154,6 +154,34 @@ def test_a_table_longer_than_the_area_runs_in_chunks(busy, pages):
     assert_fine(busy)
 
 
+def test_a_packed_table_runs_like_tuples(busy):
+    """The restorer's form: the table already packed in an array('Q'), 8
+    words an entry, ``nr | EXPECT`` and the expected result last; a stop
+    names the entry as for tuples. A malformed array is refused."""
+    from array import array
+    from checkpoint.kernel.syscalls import NR
+    before = maps(busy.pid)
+    with freeze(busy.pid) as proc:
+        with Injector(proc, proc.tids[0], safe=False) as r:
+            at = free(busy.pid, 8 * PAGE)
+            words = array("Q")
+            for i in range(8):
+                a = at + i * PAGE
+                words.extend((NR["mmap"] | batch.EXPECT, a, PAGE,
+                              PROT_READ if i & 1 else PROT_READ | PROT_WRITE, ANON,
+                              (1 << 64) - 1, 0, a))
+            assert r.batch(words) == [at + i * PAGE for i in range(8)]
+            assert len([m for m in maps(busy.pid) if at <= m[0] < at + 8 * PAGE]) == 8
+            again = array("Q", words[:8 * 3]) + array("Q", (NR["getpid"], 0, 0, 0, 0, 0, 0, 0))
+            with pytest.raises(BatchError, match=r"batch entry 0 of 4, mmap.*File exists"):
+                r.batch(again)
+            with pytest.raises(ValueError, match="8 words an entry"):
+                r.batch(words[:7])
+            r.call("munmap", at, 8 * PAGE)
+    assert maps(busy.pid) == before
+    assert_fine(busy)
+
+
 def test_same_table_through_a_safe_injector(busy):
     """A safe-mode injector (the dump side) runs the table one call per
     entry: same results, same stop."""

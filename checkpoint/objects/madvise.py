@@ -82,10 +82,14 @@ def _what(v) -> str:
 
 def check_image(mm, special) -> None:
     """Refuse an image whose VmFlags name state no restore makes."""
-    for v, flags in zip(mm.vmas, _flags_of(mm)):
-        why = _unrestorable(flags) if v.path not in special else None
-        if why:
-            raise RestoreError(f"{_what(v)} in the image is {why}: not restorable")
+    all_flags = _flags_of(mm)
+    bad = {f for f in set(all_flags) if _unrestorable(f)}
+    if not bad:   # the usual case: a few distinct sets, none refused; no step a VMA
+        return
+    for v, flags in zip(mm.vmas, all_flags):
+        if flags in bad and v.path not in special:
+            raise RestoreError(f"{_what(v)} in the image is {_unrestorable(flags)}: "
+                               "not restorable")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -102,13 +106,15 @@ def apply_advice(r, mm, special) -> None:
     the placeholder inherits the engine's). Runs after every page is
     written, so that no advice (WIPEONFORK, DONTFORK) meets the writes."""
     table, named = [], []  # one batch of madvise calls (checkpoint/batch.py)
-    for v, flags in zip(mm.vmas, _flags_of(mm)):
-        todo = _advice(flags)
-        if not todo or v.path in special:
-            continue
-        for code, advice in todo:
-            table.append((NR_MADVISE, v.start, v.end - v.start, advice))
-            named.append((code, v))
+    all_flags = _flags_of(mm)
+    # the VmFlags sets that ask for advice, of the few distinct ones: the
+    # usual process has none, and then no step a VMA
+    advised = {f for f in set(all_flags) if _advice(f)}
+    for v, flags in zip(mm.vmas, all_flags) if advised else ():
+        if flags in advised and v.path not in special:
+            for code, advice in _advice(flags):
+                table.append((NR_MADVISE, v.start, v.end - v.start, advice))
+                named.append((code, v))
     try:
         r.batch(table)
     except BatchError as e:
@@ -126,12 +132,12 @@ def apply_locks(r, mm, special) -> None:
     the dumped credentials in effect and the dumped RLIMIT_MEMLOCK set: the
     kernel then checks what the original process could lock."""
     table, named = [], []  # one batch of mlock2 calls (checkpoint/batch.py)
-    for v, flags in zip(mm.vmas, _flags_of(mm)):
-        lock = _lock(flags)
-        if lock is None or v.path in special:
-            continue
-        table.append((NR_MLOCK2, v.start, v.end - v.start, lock))
-        named.append(v)
+    all_flags = _flags_of(mm)
+    locked = {f for f in set(all_flags) if _lock(f) is not None}   # as for advice
+    for v, flags in zip(mm.vmas, all_flags) if locked else ():
+        if flags in locked and v.path not in special:
+            table.append((NR_MLOCK2, v.start, v.end - v.start, _lock(flags)))
+            named.append(v)
     try:
         r.batch(table)
     except BatchError as e:
