@@ -178,10 +178,8 @@ KINDS: tuple[Kind, ...] = (
          option="--tcp-established",
          note="TCP_REPAIR: sequence numbers, both queues (sent and unsent apart), MSS, "
               "window scale, SACK, timestamps, window; packets dropped by a nftables lock "
-              "from the dump to the restore; --tcp-close restores them closed instead"),
-    Kind("files", "half-closed TCP connections (FIN_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING), "
-         "connecting ones (SYN_SENT)", REFUSED, "objects/fds/tcpsk.py",
-         option="--tcp-close", note="restored closed with --tcp-close"),
+              "from the dump to the restore; --tcp-close restores them closed instead; "
+              "half-closed and connecting ones are refused by name (--tcp-close takes them)"),
     Kind("files", "TCP listeners with connections waiting, UDP sockets with "
          "unread data, packet and other sockets", REFUSED, "objects/fds/inetsk.py",
          option="--external-fds",

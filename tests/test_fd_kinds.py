@@ -232,8 +232,9 @@ REFUSED = {
     "file descriptors in flight (SCM_RIGHTS queued, not yet received)": [
         ("scm-rights", "a unix socket")],
     "unread data on a socket with SO_PASSCRED": [("passcred", "a unix socket")],
-    "TCP connections, TCP listeners with connections waiting, UDP sockets with unread "
-    "data, packet and other sockets": [("tcp", "a socket"), ("packet", "a socket")],
+    # (an established connection without --tcp-established: the same line)
+    "TCP listeners with connections waiting, UDP sockets with unread "
+    "data, packet and other sockets": [("tcp", "a TCP connection"), ("packet", "a socket")],
     "netlink sockets with a message unread": [("netlink", "a netlink socket")],
     "fanotify, pidfd, io_uring, userfaultfd, other devices": [
         ("pidfd", "a pidfd"), ("fanotify", "a fanotify instance"),
