@@ -8,29 +8,15 @@ content read back through /proc/PID/mem."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from checkpoint.freezer import freeze
-from checkpoint.inject import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PROT_READ,
-                               PROT_WRITE, Injector)
+from checkpoint.inject import PROT_READ, PROT_WRITE, Injector
 from checkpoint.kernel import procfs
 from checkpoint.kernel.syscalls import IOV_MAX
 from checkpoint.pagewrite import PageWriter
-from conftest import build_target
-from test_batch import assert_fine, free, maps
-
-PAGE = 4096
-ANON = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-
-
-@pytest.fixture
-def busy(spawn):
-    t = spawn([build_target("busy_threads")])
-    t.expect("READY")
-    time.sleep(0.1)
-    return t
+from test_batch import ANON, PAGE, assert_fine, busy, free, maps  # noqa: F401 (busy: fixture)
 
 
 def frame_of(npages: int) -> bytes:

@@ -17,14 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from netns import routed_hosts
+from test_migrate import reap  # noqa: F401 (fixture)
 from tcp_helpers import ECHO_SERVER, Streamer, our_tables
 
 CLI = str(Path(sys.executable).with_name("checkpoint"))
 CLONE_NEWNET = 0x40000000
-PR_SET_CHILD_SUBREAPER = 36
 libc = ctypes.CDLL(None, use_errno=True)
 ROUNDS = int(os.environ.get("CHECKPOINT_TCP_MIGRATIONS", "100"))
 
@@ -44,27 +42,6 @@ def socket_in(ns: str, family=socket.AF_INET) -> socket.socket:
     finally:
         os.close(own)
         os.close(other)
-
-
-@pytest.fixture
-def reap():
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            got, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if got == 0:
-            time.sleep(0.02)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _page_server(host, images: str, key: str) -> tuple[subprocess.Popen, int]:

@@ -41,7 +41,7 @@ import os
 import socket
 import struct
 
-from ...errors import RestoreError
+from ...errors import RestoreError, UnsupportedObject
 from ...images.pb import files_pb2
 from ... import netlock
 
@@ -155,8 +155,9 @@ def save(s: socket.socket, t, e) -> None:
     info = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)
     state, options, wscale = info[0], info[5], info[6]
     if state not in SUPPORTED:
-        raise _refused(e, f"in state {STATE_NAMES.get(state, state)} (half-closed "
-                          "connections are not supported yet)")
+        raise _refused(e, f"in state {STATE_NAMES.get(state, state)}: half-closed "
+                          "connections are not supported yet; pass --tcp-close to restore "
+                          "it closed")
     t.state = state
     outq, unsent, inq = _int(s, SIOCOUTQ), _int(s, SIOCOUTQNSD), _int(s, SIOCINQ)
     for what, n in (("receive", inq), ("send", outq)):
@@ -202,8 +203,7 @@ def _queue(s: socket.socket, queue: int, n: int, e) -> tuple[int, bytes]:
     return seq, data
 
 
-def _refused(e, why: str):
-    from ...errors import UnsupportedObject
+def _refused(e, why: str) -> UnsupportedObject:
     return UnsupportedObject(f"fd {e.fd} is a TCP connection ({e.path}) {why}")
 
 
